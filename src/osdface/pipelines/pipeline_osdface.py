@@ -1,0 +1,371 @@
+"""OSDFacePipeline: aligned LQ face crops → restored crops in one UNet step (spec §2).
+
+Reading order of :meth:`OSDFacePipeline.__call__`:
+
+1. check inputs (RGB, [0, 1], square) and move them to the pipeline's device/dtype
+2. preprocess to [-1, 1]; square inputs are resized to the model resolution (bilinear,
+   ``align_corners=True``, as the official script)
+3. encode the LQ latent: VAE posterior **mode** by default (deterministic); ``latent="sample"``
+   draws from it with ``generator`` as the official script does
+4. visual prompt: VRE tokens (77 × 512) → prompt adapter (77 × 1024)
+5. one UNet step at ``t = 399``: ε̂ = UNet(z_L, 399, prompt)
+6. x0 recovery in float64: ẑ = (z_L − √(1−ᾱ)·ε̂) / √ᾱ
+7. decode ẑ / scaling_factor, clamp to [-1, 1], map to [0, 1]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..constants import TIMESTEP
+from ..image import ImageError, from_model_range, to_model_range, to_pil, to_tensor, to_uint8
+from ..models.lora import merge_lora_into
+from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder
+from ..utils.io import write_text_atomic
+from ..utils.logging import get_logger
+from ..weights import (
+    WeightsNotFoundError,
+    check_base_model_dir,
+    find_official_files,
+    load_lora_file,
+    load_official_adapter_state_dict,
+    load_official_vre_state_dict,
+)
+from .output import OSDFacePipelineOutput
+
+logger = get_logger(__name__)
+
+OutputType = Literal["pt", "np", "pil"]
+LatentMode = Literal["mode", "sample"]
+
+_COMPONENTS = {
+    "vae": ("diffusers", "AutoencoderKL"),
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "vre": ("osdface", "VisualPromptEncoder"),
+    "prompt_adapter": ("osdface", "PromptAdapter"),
+    "scheduler": ("diffusers", "DDIMScheduler"),
+}
+LORA_SUBFOLDER = "unet_lora"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"fp32" | "fp16" | "bf16"`` (or a torch dtype, or None) → torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from fp32, fp16, bf16")
+    return table[dtype]
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` → cuda, else mps, else cpu. Explicit devices are checked for availability."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available in this PyTorch build/machine")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeError("device 'mps' requested but MPS is not available on this machine")
+    return device
+
+
+class OSDFacePipeline:
+    """OSDFace one-step restoration of aligned face crops.
+
+    Args:
+        vae: SD 2.1-base ``AutoencoderKL`` (frozen).
+        unet: SD 2.1-base ``UNet2DConditionModel`` with the OSDFace LoRA merged (or attached via peft).
+        vre: :class:`VisualPromptEncoder`.
+        prompt_adapter: :class:`PromptAdapter`.
+        scheduler: any diffusers scheduler exposing ``alphas_cumprod`` (only that is used).
+        timestep: the fixed UNet timestep (399).
+        resolution: side the crops are processed at (default: the VRE's resolution, 512 for the release).
+    """
+
+    def __init__(self, vae, unet, vre: VisualPromptEncoder, prompt_adapter: PromptAdapter, scheduler,
+                 timestep: int = TIMESTEP, resolution: int | None = None):
+        self.vae, self.unet, self.vre, self.prompt_adapter, self.scheduler = vae, unet, vre, prompt_adapter, scheduler
+        self.timestep = int(timestep)
+        self.resolution = int(resolution if resolution is not None else vre.config.resolution)
+        for m in self.modules().values():
+            m.eval()
+            m.requires_grad_(False)
+        n_alpha = len(scheduler.alphas_cumprod)
+        if not 0 <= self.timestep < n_alpha:
+            raise ValueError(f"timestep {timestep} outside the scheduler's range [0, {n_alpha})")
+
+    # ------------------------------------------------------------------ components and placement
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"vae": self.vae, "unet": self.unet, "vre": self.vre, "prompt_adapter": self.prompt_adapter}
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return {**self.modules(), "scheduler": self.scheduler}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> OSDFacePipeline:
+        """Move every module to ``device`` (``"auto"`` allowed) and/or cast to ``dtype``."""
+        dev = resolve_device(device) if device is not None else None
+        dt = parse_dtype(dtype)
+        for m in self.modules().values():
+            m.to(device=dev, dtype=dt)
+        return self
+
+    @property
+    def alpha_cumprod(self) -> torch.Tensor:
+        """ᾱ_t at the pipeline timestep, float64 (from the float32 cumprod, as the official code)."""
+        return torch.as_tensor(self.scheduler.alphas_cumprod)[self.timestep].double()
+
+    # ------------------------------------------------------------------------------- the math
+    def preprocess(self, images) -> torch.Tensor:
+        """Inputs → ``(B, 3, R, R)`` in [-1, 1] on the pipeline device/dtype (steps 1–2)."""
+        x = to_tensor(images)
+        h, w = x.shape[-2:]
+        if h != w:
+            raise ImageError(
+                f"aligned mode needs square face crops (got {w}x{h}); align photos first "
+                "(osdface restore without --aligned detects and aligns faces)"
+            )
+        x = to_model_range(x.to(self.device, dtype=self.dtype))
+        if h != self.resolution:
+            # official: bilinear, align_corners=True, no antialias (applied in model space)
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=True)
+        return x
+
+    def encode_prompt(self, lq: torch.Tensor, return_indices: bool = False):
+        """``(B, 3, R, R)`` in [-1, 1] → prompt ``(B, T, cross_attention_dim)`` (step 4)."""
+        tokens, idx = self.vre(lq, return_indices=True)
+        prompt = self.prompt_adapter(tokens.to(lq.dtype))
+        return (prompt, idx) if return_indices else prompt
+
+    def encode_latent(self, lq: torch.Tensor, latent: LatentMode = "mode", generator: torch.Generator | None = None):
+        """``(B, 3, R, R)`` in [-1, 1] → ``z_L`` ``(B, 4, R/8, R/8)``, scaled by ``scaling_factor`` (step 3)."""
+        dist = self.vae.encode(lq).latent_dist
+        if latent == "mode":
+            z = dist.mode()
+        elif latent == "sample":
+            z = dist.sample(generator=generator)
+        else:
+            raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}")
+        return z * self.vae.config.scaling_factor
+
+    def predict_x0(self, z_lq: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """ẑ_H = (z_L − √(1−ᾱ)·ε̂)/√ᾱ in float64, returned as float32 (step 6).
+
+        Devices without float64 (MPS) do this on the CPU; the tensors are tiny.
+        """
+        dev = z_lq.device
+        calc = torch.device("cpu") if dev.type == "mps" else dev
+        alpha = self.alpha_cumprod.to(calc)
+        beta = 1 - alpha
+        x0 = (z_lq.to(calc).double() - beta**0.5 * eps.to(calc).double()) / alpha**0.5
+        return x0.float().to(dev)
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Latent → image in [0, 1] (step 7)."""
+        img = self.vae.decode(x0.to(self.dtype) / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+        return from_model_range(img).clamp(0.0, 1.0)
+
+    def restore_tensor(self, lq: torch.Tensor, latent: LatentMode = "mode",
+                       generator: torch.Generator | None = None, return_indices: bool = False):
+        """Steps 3–7 on a model-space batch; differentiable (no ``no_grad`` here; training reuses it).
+
+        Args:
+            lq: ``(B, 3, R, R)`` in [-1, 1].
+
+        Returns:
+            ``(B, 3, R, R)`` float in [0, 1] (and the prompt indices when asked).
+        """
+        prompt, idx = self.encode_prompt(lq, return_indices=True)
+        z = self.encode_latent(lq, latent=latent, generator=generator)
+        eps = self.unet(z, self.timestep, encoder_hidden_states=prompt.to(z.dtype)).sample
+        out = self.decode(self.predict_x0(z, eps))
+        return (out, idx) if return_indices else out
+
+    @torch.inference_mode()
+    def __call__(self, images, output_type: OutputType = "pt", latent: LatentMode = "mode",
+                 generator: torch.Generator | None = None, rounding: Literal["round", "truncate"] = "round",
+                 return_dict: bool = True):
+        """Restore aligned RGB face crops.
+
+        Args:
+            images: a ``(B, 3, H, W)`` float tensor in [0, 1], a PIL image, a uint8 ``(H, W, 3)``
+                array, or a list of those; square, any size (resized to ``resolution``).
+            output_type: ``"pt"`` (float tensor in [0, 1], on the pipeline device), ``"np"``
+                (uint8 ``(B, H, W, 3)``) or ``"pil"``.
+            latent: ``"mode"`` (deterministic) or ``"sample"`` (official behaviour; use ``generator``).
+            generator: RNG for ``latent="sample"``.
+            rounding: float → uint8 for ``"np"``/``"pil"``: ``"round"`` or ``"truncate"`` (official).
+        """
+        lq = self.preprocess(images)
+        out, idx = self.restore_tensor(lq, latent=latent, generator=generator, return_indices=True)
+        out = out.float()
+        if output_type == "np":
+            result: Any = to_uint8(out, rounding)
+        elif output_type == "pil":
+            result = to_pil(out, rounding)
+        elif output_type == "pt":
+            result = out
+        else:
+            raise ValueError(f"output_type must be 'pt', 'np' or 'pil', got {output_type!r}")
+        if not return_dict:
+            return result
+        return OSDFacePipelineOutput(images=result, prompt_indices=idx)
+
+    # ------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_official(cls, base_model: str | os.PathLike, weights: str | os.PathLike,
+                      torch_dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+                      fuse_lora: bool = True, lora_alpha: float | None = None,
+                      vre_config: dict | None = None) -> OSDFacePipeline:
+        """Load the official release: an SD 2.1-base diffusers folder + the OSDFace weights folder.
+
+        Args:
+            base_model: folder with ``scheduler/``, ``unet/``, ``vae/``.
+            weights: folder with ``associate_2.ckpt``, ``embedding_change_weights.pth``,
+                ``pytorch_lora_weights.safetensors``.
+            torch_dtype: run dtype (default float32). The LoRA is merged in float32 first.
+            device: where to put the modules (default: stay on the CPU).
+            fuse_lora: merge the LoRA into the UNet weights (fast, default) or attach it via peft.
+            lora_alpha: LoRA alpha when the file carries none (default: = rank, scale 1.0).
+            vre_config: VRE architecture overrides (default: the released architecture).
+        """
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+        base = check_base_model_dir(base_model)
+        files = find_official_files(weights)
+        vre = VisualPromptEncoder(**(vre_config or {}))
+        vre.load_state_dict(load_official_vre_state_dict(files.vre, expected=vre.state_dict()), strict=True)
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", local_files_only=True)
+        adapter = PromptAdapter(vre.config.embed_dim, unet.config.cross_attention_dim)
+        adapter.load_state_dict(load_official_adapter_state_dict(files.adapter, expected=adapter.state_dict()),
+                                strict=True)
+        lora = load_lora_file(files.lora)
+        if fuse_lora:
+            merge_lora_into(unet, lora, lora_alpha=lora_alpha, source=str(files.lora))
+        else:
+            from ..models.lora import attach_lora
+
+            attach_lora(unet, lora, lora_alpha=lora_alpha)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", local_files_only=True)
+        scheduler = DDIMScheduler.from_pretrained(base, subfolder="scheduler", local_files_only=True)
+        pipe = cls(vae, unet, vre, adapter, scheduler)
+        if device is not None or torch_dtype is not None:
+            pipe.to(device, torch_dtype)
+        return pipe
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, torch_dtype: str | torch.dtype | None = None,
+                        device: str | torch.device | None = None, fuse_lora: bool = True) -> OSDFacePipeline:
+        """Load a model folder written by :meth:`save_pretrained` / ``osdface convert``."""
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+        path = Path(path).expanduser()
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise WeightsNotFoundError(
+                f"{path} is not an osdface model folder (no model_index.json). Create one with "
+                "'osdface convert --base-model SD_DIR --weights OSDFACE_DIR -o MODEL_DIR', or pass "
+                "--base-model and --weights to use the official files directly."
+            )
+        index = json.loads(index_file.read_text())
+        missing = [name for name in _COMPONENTS if not (path / name).is_dir()]
+        if missing:
+            raise WeightsNotFoundError(f"{path}: model folder is incomplete, missing {', '.join(missing)}/")
+        kw = {"local_files_only": True}
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        lora_file = path / LORA_SUBFOLDER / LORA_WEIGHTS_NAME
+        if lora_file.is_file():
+            lora_cfg = json.loads((path / LORA_SUBFOLDER / "adapter_config.json").read_text())
+            lora = load_lora_file(lora_file)
+            if fuse_lora:
+                merge_lora_into(unet, lora, lora_alpha=lora_cfg.get("lora_alpha"), source=str(lora_file))
+            else:
+                from ..models.lora import attach_lora
+
+                attach_lora(unet, lora, lora_alpha=lora_cfg.get("lora_alpha"))
+        pipe = cls(
+            AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
+            unet,
+            VisualPromptEncoder.from_pretrained(path, subfolder="vre", **kw),
+            PromptAdapter.from_pretrained(path, subfolder="prompt_adapter", **kw),
+            DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+            timestep=index.get("timestep", TIMESTEP),
+            resolution=index.get("resolution"),
+        )
+        if device is not None or torch_dtype is not None:
+            pipe.to(device, torch_dtype)
+        return pipe
+
+    def save_pretrained(self, path: str | os.PathLike, fuse_lora: bool = True) -> Path:
+        """Write a self-contained model folder (safetensors + JSON only).
+
+        With an unmerged (peft) LoRA on the UNet, ``fuse_lora=True`` writes merged UNet weights;
+        ``fuse_lora=False`` writes the base UNet plus ``unet_lora/`` (adapter + its config).
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for name in ("vae", "vre", "prompt_adapter"):
+            getattr(self, name).save_pretrained(path / name, safe_serialization=True)
+        self.scheduler.save_pretrained(path / "scheduler")
+        has_adapter = bool(getattr(self.unet, "peft_config", None))
+        if has_adapter and fuse_lora:
+            import copy
+
+            unet = copy.deepcopy(self.unet)
+            unet.fuse_lora()
+            _save_base_unet(unet, path / "unet")
+        elif has_adapter:
+            from peft import get_peft_model_state_dict
+
+            _save_base_unet(self.unet, path / "unet")
+            cfg = next(iter(self.unet.peft_config.values()))
+            lora_sd = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.unet).items()}
+            (path / LORA_SUBFOLDER).mkdir(exist_ok=True)
+            save_file(lora_sd, str(path / LORA_SUBFOLDER / LORA_WEIGHTS_NAME))
+            write_text_atomic(path / LORA_SUBFOLDER / "adapter_config.json", json.dumps(
+                {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
+                 "format": "peft", "key_prefix": "unet."}, indent=2))
+        else:
+            self.unet.save_pretrained(path / "unet", safe_serialization=True)
+        index = {"_class_name": "OSDFacePipeline", "_osdface_version": __import__("osdface").__version__,
+                 **{k: list(v) for k, v in _COMPONENTS.items()},
+                 "timestep": self.timestep, "resolution": self.resolution}
+        write_text_atomic(path / "model_index.json", json.dumps(index, indent=2))
+        return path
+
+
+def _save_base_unet(unet, folder: Path) -> None:
+    """Save a peft-wrapped UNet's base (or merged) weights under the plain diffusers key names."""
+    from safetensors.torch import save_file
+
+    sd = {}
+    for k, v in unet.state_dict().items():
+        if ".lora_" in k or "lora_magnitude" in k:
+            continue
+        sd[k.replace(".base_layer.", ".")] = v.detach().cpu().contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    unet.save_config(folder)
+    save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})

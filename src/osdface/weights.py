@@ -1,0 +1,168 @@
+"""Where weights live and how the official OSDFace release files are read.
+
+Nothing here downloads. A missing file raises :class:`WeightsNotFoundError`, whose message says
+which file is needed and where to put it.
+
+Default layout (``$OSDFACE_HOME``, default ``~/.cache/osdface``)::
+
+    $OSDFACE_HOME/
+      stable-diffusion-2-1-base/      diffusers folder: scheduler/, unet/, vae/ (text encoder not needed)
+      OSDFace/                         the official release files
+        associate_2.ckpt
+        embedding_change_weights.pth
+        pytorch_lora_weights.safetensors
+      model/                           optional: a converted model (``osdface convert ... -o``)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .safe_load import load_torch_checkpoint
+
+OFFICIAL_VRE_FILE = "associate_2.ckpt"
+OFFICIAL_ADAPTER_FILE = "embedding_change_weights.pth"
+OFFICIAL_LORA_FILE = "pytorch_lora_weights.safetensors"
+OFFICIAL_FILES = (OFFICIAL_VRE_FILE, OFFICIAL_ADAPTER_FILE, OFFICIAL_LORA_FILE)
+BASE_MODEL_SUBFOLDERS = ("scheduler", "unet", "vae")
+
+OFFICIAL_WEIGHTS_HELP = (
+    "The OSDFace release files are linked from the official repository's README "
+    "(https://github.com/jkwang28/OSDFace, 'pretrained' folder). "
+    "SD 2.1-base is 'stabilityai/stable-diffusion-2-1-base' in diffusers format "
+    "(it was removed from the Hugging Face hub in 2025; mirrors such as ModelScope carry it)."
+)
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """A weight file or folder is missing; the message says what to get and where to put it."""
+
+
+def osdface_home() -> Path:
+    """``$OSDFACE_HOME`` or ``~/.cache/osdface``."""
+    return Path(os.environ.get("OSDFACE_HOME", Path.home() / ".cache" / "osdface")).expanduser()
+
+
+def default_base_model_dir() -> Path:
+    return osdface_home() / "stable-diffusion-2-1-base"
+
+
+def default_official_dir() -> Path:
+    return osdface_home() / "OSDFace"
+
+
+def default_model_dir() -> Path:
+    return osdface_home() / "model"
+
+
+@dataclass(frozen=True)
+class OfficialFiles:
+    """Paths of the three official release files."""
+
+    vre: Path
+    adapter: Path
+    lora: Path
+
+
+def check_base_model_dir(base_model: str | os.PathLike) -> Path:
+    """Validate an SD 2.1-base diffusers folder (``scheduler/``, ``unet/``, ``vae/`` with configs)."""
+    base = Path(base_model).expanduser()
+    missing = [f"{sub}/" for sub in BASE_MODEL_SUBFOLDERS if not (base / sub).is_dir()]
+    missing += [f"{sub}/config.json" if sub != "scheduler" else "scheduler/scheduler_config.json"
+                for sub in BASE_MODEL_SUBFOLDERS
+                if (base / sub).is_dir()
+                and not (base / sub / ("scheduler_config.json" if sub == "scheduler" else "config.json")).is_file()]
+    if missing:
+        raise WeightsNotFoundError(
+            f"Stable Diffusion 2.1-base folder {base} is missing {', '.join(missing)}. "
+            f"Put the diffusers-format 'stable-diffusion-2-1-base' there (needs scheduler/, unet/, vae/). "
+            + OFFICIAL_WEIGHTS_HELP
+        )
+    return base
+
+
+def find_official_files(weights_dir: str | os.PathLike) -> OfficialFiles:
+    """Locate the three official files in ``weights_dir``; one error lists all that are missing."""
+    d = Path(weights_dir).expanduser()
+    missing = [name for name in OFFICIAL_FILES if not (d / name).is_file()]
+    if missing:
+        raise WeightsNotFoundError(
+            f"OSDFace weights folder {d} is missing {', '.join(missing)}. "
+            f"Put the official release files ({', '.join(OFFICIAL_FILES)}) in that folder. " + OFFICIAL_WEIGHTS_HELP
+        )
+    return OfficialFiles(d / OFFICIAL_VRE_FILE, d / OFFICIAL_ADAPTER_FILE, d / OFFICIAL_LORA_FILE)
+
+
+def _check_keys(source: Path, got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(k for k in set(got) & set(expected) if tuple(got[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:5]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]})")
+        if wrong:
+            parts.append(
+                "shape mismatches: "
+                + ", ".join(f"{k} {tuple(got[k].shape)} != {tuple(expected[k].shape)}" for k in wrong[:5])
+            )
+        raise ValueError(f"{source}: weights do not match the model: " + "; ".join(parts))
+
+
+def load_official_vre_state_dict(path: str | os.PathLike, expected: dict[str, torch.Tensor] | None = None):
+    """Read ``associate_2.ckpt``: keep ``vqvae_LQ.*`` minus the decoder, strip the prefix (spec §3.1).
+
+    ``vqvae_LQ.post_quant_conv.*`` (kept by the official filter, ignored there by ``strict=False``)
+    is dropped here explicitly. With ``expected`` (the model's state dict), keys and shapes are
+    checked strictly.
+    """
+    path = Path(path)
+    ckpt = load_torch_checkpoint(path)
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a checkpoint dict with a 'state_dict' entry")
+    prefix = "vqvae_LQ."
+    out = {
+        k[len(prefix):]: v
+        for k, v in sd.items()
+        if k.startswith(prefix)
+        and not k.startswith(prefix + "decoder")
+        and not k.startswith(prefix + "post_quant_conv")
+    }
+    if not out:
+        raise ValueError(f"{path}: no 'vqvae_LQ.*' tensors found; is this the OSDFace associate_2.ckpt?")
+    if expected is not None:
+        _check_keys(path, out, expected)
+    return out
+
+
+def load_official_adapter_state_dict(path: str | os.PathLike, expected: dict[str, torch.Tensor] | None = None):
+    """Read ``embedding_change_weights.pth`` (a plain 4-tensor state dict)."""
+    path = Path(path)
+    sd = load_torch_checkpoint(path)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors")
+    if expected is not None:
+        _check_keys(path, sd, expected)
+    return dict(sd)
+
+
+def load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a LoRA ``.safetensors`` file (memory-mapped)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"{path}: LoRA file not found")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
