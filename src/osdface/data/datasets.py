@@ -1,0 +1,246 @@
+"""Torch datasets of aligned faces: on-the-fly LQ synthesis for training, paired folders for evaluation.
+
+Items are dicts ``{"lq": (3, H, W) float32 in [0, 1], "gt": (3, H, W) float32 in [0, 1],
+"path": str, "index": int}`` (RGB), so the default ``DataLoader`` collate gives ``(B, 3, H, W)``
+batches in the package's public convention. Pixel work is OpenCV/NumPy (no Python loops over
+pixels); decoding goes through :func:`osdface.image.read_image`.
+
+:class:`DegradedFaceDataset` is deterministic per image: the flip and every degradation parameter
+come from :func:`osdface.data.degradation.image_seed` ``(seed, relative path, epoch)``, so an item
+is identical whatever the worker count, batch size or access order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..constants import FACE_SIZE, IMAGE_EXTENSIONS
+from ..image import read_image, to_tensor
+from ..utils.logging import get_logger
+from .degradation import DegradationConfig, DegradationSpec, Degrader, image_seed
+
+__all__ = ["DegradedFaceDataset", "PairedFolderDataset", "list_images"]
+
+logger = get_logger(__name__)
+
+
+def list_images(root: str | os.PathLike, recursive: bool = True) -> list[str]:
+    """Image files under ``root`` as sorted POSIX paths relative to ``root``.
+
+    Hidden files and folders (names starting with ``.``, e.g. partial atomic writes) are skipped.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
+    found: list[str] = []
+    if recursive:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(root)
+            found.extend(
+                (rel / f).as_posix() for f in filenames
+                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+            )
+    else:
+        found = [p.name for p in root.iterdir()
+                 if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``(h, w, 3)`` → ``(size, size, 3)``: INTER_AREA to shrink, bicubic to enlarge."""
+    h, w = img.shape[:2]
+    if (h, w) == (size, size):
+        return img
+    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_CUBIC
+    return cv2.resize(img, (size, size), interpolation=interp)
+
+
+def _limit_opencv_threads() -> None:
+    """One OpenCV thread per DataLoader worker (the workers already give the parallelism)."""
+    if torch.utils.data.get_worker_info() is not None and cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+
+
+class DegradedFaceDataset(Dataset):
+    """HQ aligned faces from one or more folders, with LQ synthesised on the fly (spec §7).
+
+    Args:
+        roots: one folder or several (e.g. FFHQ and FFHQR); images are found recursively and
+            pooled (uniform sampling over the union).
+        degradation: a preset name (``"daefr"``, ``"osediff-face"``), a YAML path or a
+            :class:`~osdface.data.degradation.DegradationConfig`.
+        size: side of the square output; HQ images of another size are resized (area/bicubic).
+        hflip: random horizontal flip (probability 0.5, drawn per image and epoch).
+        seed: global non-negative seed.
+
+    Each image's identity is its POSIX path relative to its root, prefixed with the root's
+    folder name when there are several roots (``"ffhq/00001.png"``); with ``seed`` and the epoch
+    it fixes the flip and all degradation parameters.
+
+    Call :meth:`set_epoch` before iterating a new epoch. DataLoader workers hold a copy of the
+    dataset taken when the iterator starts, so with ``persistent_workers=True`` the new epoch
+    only reaches them if the loader is re-created.
+
+    Raises:
+        FileNotFoundError / ValueError: a missing root or no images found.
+    """
+
+    def __init__(
+        self,
+        roots: str | os.PathLike | Sequence[str | os.PathLike],
+        degradation: DegradationSpec = "daefr",
+        size: int = FACE_SIZE,
+        hflip: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(roots, (str, os.PathLike)):
+            roots = [roots]
+        self.roots = [Path(r) for r in roots]
+        if not self.roots:
+            raise ValueError("DegradedFaceDataset needs at least one folder")
+        if size < 1:
+            raise ValueError(f"size must be positive, got {size}")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self.degrader = Degrader(degradation)
+        self.size = int(size)
+        self.hflip = bool(hflip)
+        self.seed = int(seed)
+        self.epoch = 0
+        prefixes = self._root_prefixes(self.roots)
+        self.files: list[Path] = []
+        self.keys: list[str] = []
+        for root, prefix in zip(self.roots, prefixes):
+            rel = list_images(root)
+            if not rel:
+                raise ValueError(f"{root}: folder contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+            self.files.extend(root / r for r in rel)
+            self.keys.extend(prefix + r for r in rel)
+        logger.info("DegradedFaceDataset: %d images from %d folder(s)", len(self.files), len(self.roots))
+
+    @staticmethod
+    def _root_prefixes(roots: list[Path]) -> list[str]:
+        if len(roots) == 1:
+            return [""]
+        names = [r.resolve().name or "root" for r in roots]
+        out = []
+        for i, n in enumerate(names):
+            out.append(f"{n}/" if names.count(n) == 1 else f"{n}#{i}/")
+        return out
+
+    @property
+    def config(self) -> DegradationConfig:
+        """The degradation ranges in use."""
+        return self.degrader.config
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: each epoch draws new flips and degradations (deterministically)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be non-negative, got {epoch}")
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def sample(self, index: int) -> dict[str, Any]:
+        """One item as uint8 arrays plus the drawn parameters (for manifests and debugging).
+
+        Returns:
+            ``{"lq": (H, W, 3) uint8, "gt": (H, W, 3) uint8, "path": str, "key": str,
+            "seed": int, "epoch": int, "hflip": bool, "params": dict}``.
+        """
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        index = index % len(self)
+        _limit_opencv_threads()
+        key = self.keys[index]
+        seed = image_seed(self.seed, key, self.epoch)
+        gt = _resize(read_image(self.files[index]).rgb, self.size)
+        flip = self.hflip and bool(np.random.default_rng((seed, 1)).random() < 0.5)
+        if flip:
+            gt = np.ascontiguousarray(gt[:, ::-1])
+        lq, params = self.degrader(gt, seed)
+        return {"lq": lq, "gt": gt, "path": str(self.files[index]), "key": key, "seed": seed,
+                "epoch": self.epoch, "hflip": flip, "params": params}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.sample(index)
+        return {"lq": to_tensor(s["lq"])[0], "gt": to_tensor(s["gt"])[0], "path": s["path"], "index": int(index)}
+
+
+class PairedFolderDataset(Dataset):
+    """LQ/GT image pairs from two folders, matched by file stem (evaluation sets such as CelebA-Test).
+
+    Args:
+        lq_dir: folder of LQ images (non-recursive).
+        gt_dir: folder of GT images; every LQ stem must have a GT file with the same stem
+            (extra GT files are ignored with a log message).
+        size: resize both images to ``size × size`` (area/bicubic); ``None`` keeps the file sizes
+            (LQ and GT may then differ in size, and batching needs equal sizes).
+
+    Items: ``{"lq", "gt": (3, H, W) float32 in [0, 1], "path": LQ path, "gt_path": str, "index"}``.
+
+    Raises:
+        ValueError: empty folder, duplicate stems in a folder, or LQ stems without a GT partner
+            (the message lists them).
+    """
+
+    def __init__(self, lq_dir: str | os.PathLike, gt_dir: str | os.PathLike, size: int | None = None) -> None:
+        self.lq_dir, self.gt_dir = Path(lq_dir), Path(gt_dir)
+        if size is not None and size < 1:
+            raise ValueError(f"size must be positive or None, got {size}")
+        self.size = size
+        lq = self._by_stem(self.lq_dir)
+        gt = self._by_stem(self.gt_dir)
+        missing = sorted(set(lq) - set(gt))
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" … ({len(missing)} in all)" if len(missing) > 10 else "")
+            raise ValueError(f"{self.gt_dir}: no GT image for LQ stem(s) {shown}")
+        extra = set(gt) - set(lq)
+        if extra:
+            logger.info("%s: %d GT image(s) without an LQ partner ignored", self.gt_dir, len(extra))
+        self.pairs = [(lq[s], gt[s]) for s in sorted(lq)]
+
+    @staticmethod
+    def _by_stem(folder: Path) -> dict[str, Path]:
+        files = list_images(folder, recursive=False)
+        if not files:
+            raise ValueError(f"{folder}: folder contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+        out: dict[str, Path] = {}
+        for name in files:
+            stem = Path(name).stem
+            if stem in out:
+                raise ValueError(f"{folder}: two images share the stem {stem!r} ({out[stem].name}, {name})")
+            out[stem] = folder / name
+        return out
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _load(self, path: Path) -> np.ndarray:
+        rgb = read_image(path).rgb
+        return rgb if self.size is None else _resize(rgb, self.size)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        _limit_opencv_threads()
+        lq_path, gt_path = self.pairs[index]
+        return {
+            "lq": to_tensor(self._load(lq_path))[0],
+            "gt": to_tensor(self._load(gt_path))[0],
+            "path": str(lq_path),
+            "gt_path": str(gt_path),
+            "index": int(index),
+        }
+
