@@ -19,7 +19,6 @@ SUBCOMMANDS = {
     "restore": "osdface.cli.restore",
     "convert": "osdface.cli.convert",
     "env": "osdface.cli.env",
-    "train": "osdface.cli.train",
     "degrade": "osdface.cli.degrade",
 }
 
