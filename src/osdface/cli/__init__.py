@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "convert": "osdface.cli.convert",
     "env": "osdface.cli.env",
     "degrade": "osdface.cli.degrade",
+    "align": "osdface.cli.align",
 }
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..constants import IMAGE_EXTENSIONS
 from .common import CLIError, add_model_args, expand_inputs, load_pipeline_from_args, report_error
 
 
@@ -30,6 +31,9 @@ def add_parser(sub) -> None:
     p.add_argument("--rounding", default="round", choices=["round", "truncate"],
                    help="float→uint8: round (default) or truncate like the official script")
     add_model_args(p)
+    from .restore_photos import add_face_args
+
+    add_face_args(p)
     p.set_defaults(run=run)
 
 
@@ -61,7 +65,10 @@ def run(args) -> int:
     if args.batch_size < 1:
         report_error("--batch-size must be >= 1")
         return 2
-    files, problems = expand_inputs(args.inputs)
+    from .restore_photos import VIDEO_EXTENSIONS
+
+    extensions = IMAGE_EXTENSIONS if args.aligned else IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
+    files, problems = expand_inputs(args.inputs, extensions=extensions)
     out_dir = Path(args.output).expanduser()
     jobs, plan_problems, skipped = plan_outputs(files, out_dir, args)
     problems += plan_problems
@@ -81,12 +88,8 @@ def run(args) -> int:
     if args.aligned:
         failed = restore_aligned(pipe, jobs, args)
     else:
-        try:
-            from .restore_photos import restore_photos
-        except ImportError:
-            report_error("whole-photo restoration (face detection + paste-back) is not in this build yet; "
-                         "pass --aligned for FFHQ-aligned face crops")
-            return 2
+        from .restore_photos import restore_photos
+
         failed = restore_photos(pipe, jobs, args)
     n_bad = len(problems) + failed
     print(f"restored {len(jobs) - failed} of {len(jobs)} inputs into {out_dir}"

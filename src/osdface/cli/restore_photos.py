@@ -1,0 +1,172 @@
+"""Whole-photo (and video) mode of ``osdface restore``: a thin layer over :class:`osdface.face.FaceRestorer`.
+
+Kept importable without torch: heavy imports happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import report_error
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
+
+
+def add_face_args(p: argparse.ArgumentParser) -> None:
+    """The whole-photo options (GFPGAN/CodeFormer vocabulary)."""
+    g = p.add_argument_group("whole photos (default mode): detection, paste-back, outputs")
+    g.add_argument("--detector", default="yunet",
+                   help="face detector: yunet (default, offline), retinaface_resnet50, retinaface_mobile0.25")
+    g.add_argument("--detector-weights", metavar="FILE", help="detector weight file (RetinaFace .pth, YuNet .onnx)")
+    g.add_argument("--det-threshold", type=float, metavar="T",
+                   help="detection confidence threshold (default: yunet 0.6, retinaface 0.9)")
+    g.add_argument("--nms-threshold", type=float, metavar="T", help="IoU threshold of the detector's NMS")
+    g.add_argument("--max-faces", type=int, default=0, metavar="N", help="restore at most N faces (the largest)")
+    g.add_argument("--min-face-size", type=float, default=0, metavar="PX",
+                   help="ignore faces smaller than PX pixels (longer box side)")
+    g.add_argument("--only-center-face", action="store_true", help="restore only the face closest to the centre")
+    g.add_argument("--upscale", type=float, default=1, metavar="N", help="output scale of the whole photo (default 1)")
+    g.add_argument("--bg-upsampler", default="lanczos", metavar="NAME|FILE",
+                   help="background for --upscale: lanczos (default), bicubic, bilinear, area, nearest, "
+                        "or a Real-ESRGAN RRDBNet .pth file")
+    g.add_argument("--bg-tile", type=int, default=400, metavar="PX", help="tile size of a background model (0 = none)")
+    g.add_argument("--color-fix", default="wavelet", choices=["wavelet", "adain", "none"],
+                   help="colour correction of restored faces against their input (default wavelet)")
+    g.add_argument("--parsing-model", metavar="FILE",
+                   help="facexlib parsing_parsenet.pth: paste only face regions (hair/background kept)")
+    g.add_argument("--no-paste-back", dest="paste_back", action="store_false",
+                   help="do not paste faces back; write the restored face crops only")
+    g.add_argument("--save-faces", action="store_true",
+                   help="also write OUT/cropped_faces/, OUT/restored_faces/ and OUT/cmp/ (per face)")
+    g.add_argument("--compare", action="store_true", help="write OUT/compare/<stem>.png: input | output side by side")
+    g.add_argument("--report", metavar="FILE", help="write a JSON report of inputs, outputs and faces")
+    g.add_argument("--no-smooth", dest="smooth", action="store_false",
+                   help="videos: no landmark smoothing across frames")
+
+
+def build_restorer(pipe, args):
+    from ..face import FaceRestorer, create_detector
+    from ..face.background import create_bg_upsampler
+    from ..face.parsing import FaceParser
+
+    device = str(pipe.device)
+    detector = create_detector(getattr(args, "detector", "yunet"), weights=getattr(args, "detector_weights", None),
+                               score_threshold=getattr(args, "det_threshold", None),
+                               nms_threshold=getattr(args, "nms_threshold", None))
+    parser = FaceParser.from_file(args.parsing_model, device=device) if getattr(args, "parsing_model", None) else None
+    bg = create_bg_upsampler(getattr(args, "bg_upsampler", "lanczos"), device=device,
+                             tile=getattr(args, "bg_tile", 400))
+    return FaceRestorer(
+        pipe, detector=detector, upscale=getattr(args, "upscale", 1), color_fix=getattr(args, "color_fix", "wavelet"),
+        paste_back=getattr(args, "paste_back", True), bg_upsampler=bg, parser=parser,
+        max_faces=getattr(args, "max_faces", 0) or None, min_face_size=getattr(args, "min_face_size", 0),
+        only_center_face=getattr(args, "only_center_face", False), batch_size=getattr(args, "batch_size", 1),
+        latent=getattr(args, "latent", "mode"), seed=getattr(args, "seed", 0),
+    )
+
+
+def _side_by_side(a, b):
+    import cv2
+    import numpy as np
+
+    if a.shape[:2] != b.shape[:2]:
+        a = cv2.resize(a, (b.shape[1], b.shape[0]), interpolation=cv2.INTER_LANCZOS4)
+    return np.concatenate([a, b], axis=1)
+
+
+def _save_faces(res, out: Path, ext: str) -> None:
+    from ..image import save_image
+
+    root, stem = out.parent, out.stem
+    for i, f in enumerate(res.faces):
+        save_image(root / "cropped_faces" / f"{stem}_{i:02d}.{ext}", f.lq)
+        if f.restored is not None:
+            save_image(root / "restored_faces" / f"{stem}_{i:02d}.{ext}", f.restored)
+            save_image(root / "cmp" / f"{stem}_{i:02d}.{ext}", _side_by_side(f.lq, f.restored))
+
+
+def restore_photos(pipe, jobs: list[tuple[Path, Path]], args: argparse.Namespace) -> int:
+    """Restore whole photos (and videos) ``jobs = [(input, output)]``; returns the number that failed."""
+    from tqdm import tqdm
+
+    from ..face.detection import DetectorWeightsNotFoundError
+    from ..image import ImageError, read_image, save_image
+    from ..utils.io import write_text_atomic
+
+    try:
+        restorer = build_restorer(pipe, args)
+    except (DetectorWeightsNotFoundError, FileNotFoundError, ValueError, RuntimeError) as e:
+        report_error(str(e))
+        return len(jobs)
+    photos = [(s, d) for s, d in jobs if s.suffix.lower() not in VIDEO_EXTENSIONS]
+    videos = [(s, d) for s, d in jobs if s.suffix.lower() in VIDEO_EXTENSIONS]
+    report: list[dict] = []
+    failed = 0
+    ext = getattr(args, "ext", "png")
+
+    def loaded():
+        for src, _ in photos:
+            try:
+                yield read_image(src)
+            except ImageError as e:
+                yield e
+
+    bar = tqdm(total=len(photos), desc="restore", unit="photo", disable=None) if photos else None
+    for (src, dst), res in zip(photos, restorer.restore_many(loaded())):
+        entry = {"input": str(src), "output": None, "faces": []}
+        report.append(entry)
+        bar.update(1)
+        if isinstance(res, Exception):
+            msg = str(res) if isinstance(res, ImageError) else f"{src}: restoration failed: {res}"
+            report_error(msg)
+            failed += 1
+            continue
+        entry["faces"] = [f.detection.to_json() for f in res.faces]
+        if not res.faces:
+            bar.write(f"{src}: no face found; written unchanged") if bar else None
+        try:
+            if res.image is not None:
+                save_image(dst, res.image, res.alpha)
+                entry["output"] = str(dst)
+                if args.compare:
+                    from ..image import read_image as _read
+
+                    save_image(dst.parent / "compare" / f"{dst.stem}.{ext}",
+                               _side_by_side(_read(src).rgb, res.image))
+            if args.save_faces or not restorer.paste_back:
+                _save_faces(res, dst, ext)
+        except (OSError, ImageError) as e:
+            report_error(f"{src}: cannot write {dst}: {e}")
+            failed += 1
+    if bar is not None:
+        bar.close()
+
+    for src, dst in videos:
+        entry = {"input": str(src), "output": None, "faces": []}
+        report.append(entry)
+        vdst = dst.with_suffix(".mp4")
+        try:
+            from ..face.video import probe_video, restore_video
+
+            total = probe_video(src).frames or None
+            with tqdm(total=total, desc=src.name, unit="frame", disable=None) as vbar:
+                vr = restore_video(restorer, src, vdst, smooth=getattr(args, "smooth", True),
+                                   progress=lambda n: vbar.update(1))
+        except (ValueError, RuntimeError, OSError) as e:
+            report_error(f"{src}: video restoration failed: {e}")
+            failed += 1
+            continue
+        entry["output"] = str(vdst)
+        entry["faces"] = [{**d.to_json(), "frame": i} for i, dets in enumerate(vr.faces_per_frame) for d in dets]
+        if vr.failed_frames:
+            report_error(f"{src}: {vr.failed_frames} of {vr.frames} frames could not be restored (written as is)")
+            failed += 1
+
+    if getattr(args, "report", None):
+        try:
+            write_text_atomic(Path(args.report).expanduser(), json.dumps({"images": report}, indent=2) + "\n")
+        except OSError as e:
+            report_error(f"cannot write the report {args.report}: {e}")
+    return failed

@@ -1,0 +1,315 @@
+"""FaceRestorer: whole photos in, restored photos out (detect → align → restore → paste back).
+
+The GFPGANer role, but stateless: nothing about one photo is kept on the object between calls,
+so one restorer can serve many photos (and threads that do not share a pipeline call).
+
+Stages, each usable on its own:
+
+1. :meth:`FaceRestorer.prepare` — detect (or take given detections), filter, align the crops;
+2. :meth:`FaceRestorer.restore_crops` — run the one-step pipeline on aligned crops in batches,
+   then the colour fix;
+3. :meth:`FaceRestorer.finish` — upscale the background, build the paste masks (soft, optionally
+   parsing-based) and paste the faces back.
+
+:meth:`FaceRestorer.restore` runs all three for one photo; :meth:`FaceRestorer.restore_many`
+streams many photos and batches the faces of *all* of them through the pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from ..color import get_color_fix
+from ..image import LoadedImage
+from ..utils.logging import get_logger
+from .alignment import estimate_affine, invert_affine, warp_face
+from .background import ResizeUpsampler, create_bg_upsampler, output_size
+from .detection import FaceDetector, create_detector, select_faces
+from .paste import paste_faces, soft_mask
+from .types import Detection, FaceCrop, RestoreResult
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class PreparedPhoto:
+    """A photo after detection and alignment, before restoration (see :meth:`FaceRestorer.prepare`).
+
+    Attributes:
+        rgb: ``(H, W, 3)`` uint8 RGB input.
+        alpha: ``(H, W)`` uint8 alpha or ``None``.
+        faces: aligned faces (``restored`` still ``None``).
+    """
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    faces: list[FaceCrop] = field(default_factory=list)
+
+
+def as_rgb_uint8(image) -> tuple[np.ndarray, np.ndarray | None]:
+    """Photo in any supported form → ``((H, W, 3) uint8 RGB, (H, W) uint8 alpha or None)``.
+
+    Accepts a :class:`~osdface.image.LoadedImage`, a uint8 array ``(H, W)``, ``(H, W, 3)`` or
+    ``(H, W, 4)`` (RGBA), a float array in [0, 1], a PIL image, or a ``(3, H, W)`` /
+    ``(1, 3, H, W)`` float tensor in [0, 1].
+    """
+    from ..image import to_tensor, to_uint8
+
+    if isinstance(image, LoadedImage):
+        return image.rgb, image.alpha
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        if image.ndim == 2:
+            return np.repeat(image[..., None], 3, axis=2), None
+        if image.ndim == 3 and image.shape[2] == 4:
+            return np.ascontiguousarray(image[..., :3]), np.ascontiguousarray(image[..., 3])
+        if image.ndim == 3 and image.shape[2] == 3:
+            return np.ascontiguousarray(image), None
+        raise ValueError(f"expected an (H, W, 3) RGB photo, got an array of shape {image.shape}")
+    try:
+        from PIL import Image
+
+        if isinstance(image, Image.Image) and ("A" in image.getbands() or "transparency" in image.info):
+            rgba = np.asarray(image.convert("RGBA"))
+            return np.ascontiguousarray(rgba[..., :3]), np.ascontiguousarray(rgba[..., 3])
+    except ImportError:  # pragma: no cover - pillow is a core dependency
+        pass
+    t = to_tensor(image, name="image")
+    if t.shape[0] != 1:
+        raise ValueError(f"restore() takes one photo, got a batch of {t.shape[0]}; use restore_many()")
+    return to_uint8(t)[0], None
+
+
+class FaceRestorer:
+    """Restore every face of whole photos with an :class:`~osdface.pipelines.OSDFacePipeline`.
+
+    Args:
+        pipeline: the one-step pipeline (``pipe(x, output_type="pt")`` on ``(B, 3, R, R)`` in [0, 1]).
+        detector: a detector name from :data:`osdface.face.detection.DETECTORS`, a
+            :class:`~osdface.face.detection.FaceDetector`, or ``None`` (then detections must be
+            passed to :meth:`prepare`).
+        upscale: output scale of the whole photo (≥ 1; faces are pasted at that scale).
+        face_size: side of the aligned crops (default: ``pipeline.resolution``).
+        color_fix: ``"wavelet"``, ``"adain"`` or ``"none"`` (:mod:`osdface.color`).
+        paste_back: paste restored faces into the photo; if False only the crops are returned.
+        bg_upsampler: interpolation name, ``.pth`` path (Real-ESRGAN RRDBNet) or a callable
+            ``(rgb, scale) -> rgb`` for the background when ``upscale > 1``.
+        parser: optional face parser (``FaceParser`` or a path to ``parsing_parsenet.pth``).
+        max_faces / min_face_size / only_center_face: face filters (:func:`select_faces`).
+        batch_size: faces per pipeline call.
+        latent: ``"mode"`` (deterministic) or ``"sample"``.
+        seed: seed of the generator for ``latent="sample"``.
+        mask_erode / mask_feather: paste-mask shape (fractions of the crop side).
+        border: how alignment fills crop pixels outside the photo (``constant`` grey, ``reflect``...).
+    """
+
+    def __init__(self, pipeline, detector: str | FaceDetector | None = "yunet", upscale: float = 1,
+                 face_size: int | None = None, color_fix: str = "wavelet", paste_back: bool = True,
+                 bg_upsampler: str | Callable | None = "lanczos", parser=None, max_faces: int | None = None,
+                 min_face_size: float = 0.0, only_center_face: bool = False, batch_size: int = 4,
+                 latent: str = "mode", seed: int | None = None, mask_erode: float = 0.04,
+                 mask_feather: float = 0.10, border: str = "constant") -> None:
+        if upscale < 1:
+            raise ValueError(f"upscale must be >= 1, got {upscale}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.pipeline = pipeline
+        self.detector = create_detector(detector) if isinstance(detector, str) else detector
+        self.upscale = float(upscale)
+        self.face_size = int(face_size or getattr(pipeline, "resolution", 512))
+        self.color_fix_name = color_fix
+        self._color_fix = get_color_fix(color_fix)
+        self.paste_back = bool(paste_back)
+        if isinstance(bg_upsampler, str) or bg_upsampler is None:
+            bg_upsampler = create_bg_upsampler(bg_upsampler)
+        self.bg_upsampler = bg_upsampler
+        if isinstance(parser, (str, os.PathLike)):
+            from .parsing import FaceParser
+
+            parser = FaceParser.from_file(parser)
+        self.parser = parser
+        self.max_faces, self.min_face_size, self.only_center_face = max_faces, float(min_face_size), only_center_face
+        self.batch_size = int(batch_size)
+        self.latent, self.seed = latent, seed
+        self.border = border
+        self._base_mask = soft_mask(self.face_size, mask_erode, mask_feather)
+
+    # ------------------------------------------------------------------ stage 1: detect + align
+    def detect(self, rgb: np.ndarray) -> list[Detection]:
+        """Detect and filter faces on an ``(H, W, 3)`` uint8 RGB photo."""
+        if self.detector is None:
+            raise ValueError("this FaceRestorer has no detector; pass detections to prepare()")
+        dets = self.detector(rgb)
+        return select_faces(dets, rgb.shape[:2], self.max_faces, self.min_face_size, self.only_center_face)
+
+    def prepare(self, image, detections: list[Detection] | None = None) -> PreparedPhoto:
+        """Detect (unless ``detections`` are given; those are used as they are) and align the faces."""
+        rgb, alpha = as_rgb_uint8(image)
+        dets = self.detect(rgb) if detections is None else list(detections)
+        faces = []
+        for d in dets:
+            affine = estimate_affine(d.landmarks, self.face_size)
+            lq = warp_face(rgb, affine, self.face_size, border=self.border)
+            faces.append(FaceCrop(detection=d, affine=affine, inverse_affine=invert_affine(affine), lq=lq))
+        return PreparedPhoto(rgb=rgb, alpha=alpha, faces=faces)
+
+    # ------------------------------------------------------------------ stage 2: the model
+    def restore_crops(self, crops: np.ndarray) -> np.ndarray:
+        """Aligned crops ``(N, S, S, 3)`` uint8 RGB → restored ``(N, S, S, 3)`` uint8 (colour-fixed)."""
+        import torch
+        import torch.nn.functional as F
+
+        from ..image import to_tensor, to_uint8
+
+        crops = np.asarray(crops)
+        if crops.ndim != 4 or crops.shape[0] == 0:
+            return np.zeros((0, self.face_size, self.face_size, 3), np.uint8)
+        outs = []
+        for i in range(0, crops.shape[0], self.batch_size):
+            lq = to_tensor(list(crops[i:i + self.batch_size]))  # (b, 3, S, S) in [0, 1]
+            gen = None
+            if self.latent == "sample":
+                gen = torch.Generator(device=self.pipeline.device).manual_seed(int(self.seed or 0) + i)
+            pred = self.pipeline(lq, output_type="pt", latent=self.latent, generator=gen).images.float()
+            if pred.shape[-1] != lq.shape[-1]:
+                pred = F.interpolate(pred, size=lq.shape[-2:], mode="bicubic", align_corners=False,
+                                     antialias=pred.shape[-1] > lq.shape[-1]).clamp(0, 1)
+            pred = self._color_fix(pred, lq.to(pred.device, pred.dtype))
+            outs.append(to_uint8(pred))
+        return np.concatenate(outs)
+
+    # ------------------------------------------------------------------ stage 3: paste back
+    def finish(self, prepared: PreparedPhoto, restored: list[np.ndarray] | np.ndarray | None = None) -> RestoreResult:
+        """Paste ``restored`` crops (one per face, in order) into the (upscaled) photo."""
+        faces = prepared.faces
+        if restored is not None:
+            if len(restored) != len(faces):
+                raise ValueError(f"{len(restored)} restored crops for {len(faces)} faces")
+            for f, r in zip(faces, restored):
+                f.restored = np.asarray(r, dtype=np.uint8)
+        h, w = prepared.rgb.shape[:2]
+        result = RestoreResult(image=None, faces=faces, upscale=self.upscale, input_size=(h, w))
+        if faces and self.parser is not None:
+            parse = self.parser(np.stack([f.restored for f in faces]))
+            for f, pm in zip(faces, parse):
+                f.mask = np.minimum(self._base_mask, pm)
+        else:
+            for f in faces:
+                f.mask = self._base_mask
+        if prepared.alpha is not None:
+            result.alpha = self._resize_alpha(prepared.alpha)
+        if not self.paste_back:
+            return result
+        bg = self.bg_upsampler(prepared.rgb, self.upscale) if self.upscale != 1 else prepared.rgb
+        oh, ow = output_size(h, w, self.upscale)
+        if bg.shape[:2] != (oh, ow):
+            raise RuntimeError(f"background upsampler returned {bg.shape[:2]}, expected {(oh, ow)}")
+        if not faces:
+            result.image = bg.copy() if bg is prepared.rgb else bg
+            return result
+        result.image = paste_faces(bg, [f.restored for f in faces], [f.inverse_affine for f in faces],
+                                   [f.mask for f in faces], upscale=ow / w if self.upscale != 1 else 1.0,
+                                   areas=[f.detection.area for f in faces])
+        return result
+
+    def _resize_alpha(self, alpha: np.ndarray) -> np.ndarray:
+        if self.upscale == 1:
+            return alpha
+        h, w = alpha.shape
+        oh, ow = output_size(h, w, self.upscale)
+        return cv2.resize(alpha, (ow, oh), interpolation=cv2.INTER_LINEAR)
+
+    # ------------------------------------------------------------------ whole photos
+    def restore(self, image, detections: list[Detection] | None = None) -> RestoreResult:
+        """Restore every face of one photo.
+
+        Args:
+            image: see :func:`as_rgb_uint8` (RGB; uint8 or float in [0, 1]; alpha kept).
+            detections: use these faces instead of running the detector.
+
+        Returns:
+            :class:`RestoreResult` with the photo (``upscale`` × the input size) and per-face crops.
+        """
+        prepared = self.prepare(image, detections)
+        restored = self.restore_crops(np.stack([f.lq for f in prepared.faces])) if prepared.faces else []
+        return self.finish(prepared, restored)
+
+    def restore_many(self, images: Iterable) -> Iterator[RestoreResult | Exception]:
+        """Restore a stream of photos, batching faces across photos (``batch_size`` per call).
+
+        Each item may be a photo (as :meth:`restore` accepts), a :class:`PreparedPhoto`, or an
+        ``Exception`` (passed through, so callers can keep failed reads in order). Yields one
+        result per item, **in input order**: a :class:`RestoreResult` or the ``Exception`` that
+        stopped that item (other items go on). At most ``batch_size`` faces plus the photos they
+        belong to are held in memory.
+        """
+        queue: deque[dict] = deque()
+        pending: list[tuple[dict, int]] = []
+
+        def run_batch(n: int) -> None:
+            batch, pending[:] = pending[:n], pending[n:]
+            entries = [e for e, _ in batch]
+            try:
+                out = self.restore_crops(np.stack([e["prepared"].faces[i].lq for e, i in batch]))
+            except Exception as exc:  # noqa: BLE001 - the error is reported per photo
+                logger.debug("pipeline batch failed", exc_info=True)
+                for e in entries:
+                    e["error"] = exc
+                return
+            for (e, i), r in zip(batch, out):
+                e["restored"][i] = r
+
+        def drain(final: bool = False) -> Iterator[RestoreResult | Exception]:
+            while queue:
+                e = queue[0]
+                done = e.get("error") is not None or all(r is not None for r in e["restored"])
+                if not done and not final:
+                    return
+                queue.popleft()
+                if e.get("error") is not None:
+                    yield e["error"]
+                    continue
+                try:
+                    yield self.finish(e["prepared"], e["restored"])
+                except Exception as exc:  # noqa: BLE001
+                    yield exc
+
+        for item in images:
+            entry: dict = {"error": None}
+            if isinstance(item, Exception):
+                entry["error"] = item
+            else:
+                try:
+                    prepared = item if isinstance(item, PreparedPhoto) else self.prepare(item)
+                    entry["prepared"] = prepared
+                    entry["restored"] = [None] * len(prepared.faces)
+                    pending.extend((entry, i) for i in range(len(prepared.faces)))
+                except Exception as exc:  # noqa: BLE001
+                    entry["error"] = exc
+            queue.append(entry)
+            while len(pending) >= self.batch_size:
+                run_batch(self.batch_size)
+            yield from drain()
+        while pending:
+            run_batch(self.batch_size)
+        yield from drain(final=True)
+
+
+def align_faces(image, detector: FaceDetector, size: int = 512, border: str = "constant", **filters
+                ) -> list[FaceCrop]:
+    """Detect and cut FFHQ-aligned ``size``-px crops (no restoration); ``filters`` as :func:`select_faces`."""
+    rgb, _ = as_rgb_uint8(image)
+    dets = select_faces(detector(rgb), rgb.shape[:2], **filters)
+    out = []
+    for d in dets:
+        affine = estimate_affine(d.landmarks, size)
+        out.append(FaceCrop(d, affine, invert_affine(affine), warp_face(rgb, affine, size, border=border)))
+    return out
+
+
+__all__ = ["FaceRestorer", "PreparedPhoto", "align_faces", "as_rgb_uint8", "ResizeUpsampler"]
