@@ -136,7 +136,7 @@ def save_image(
 def to_tensor(images: ImageLike | Sequence[ImageLike], name: str = "images"):
     """Convert aligned RGB images to a float32 ``(B, 3, H, W)`` tensor in [0, 1].
 
-    Accepts a PIL image, a uint8 ``(H, W, 3)`` array, a float array in [0, 1], a ``(3, H, W)`` or
+    Accepts a PIL image, a uint8 ``(H, W, 3)`` or ``(B, H, W, 3)`` array, a float array in [0, 1], a ``(3, H, W)`` or
     ``(B, 3, H, W)`` float tensor in [0, 1], or a list of any of these (all the same size).
     Grayscale PIL inputs are converted to RGB. uint8 → float uses ``x / 255`` exactly like
     torchvision's ``to_tensor``.
@@ -161,8 +161,11 @@ def to_tensor(images: ImageLike | Sequence[ImageLike], name: str = "images"):
                 f"{name}: tensor values must be in [0, 1] (got [{t.min().item():.3f}, {t.max().item():.3f}]); "
                 "the public API takes RGB in [0, 1], not [-1, 1] or [0, 255]"
             )
-        return t
-    if isinstance(images, (Image.Image, np.ndarray)):
+        # contiguous NCHW: a permuted NHWC view would select channels-last kernels and change rounding
+        return t.contiguous()
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        images = list(images)  # (B, H, W, 3) batch
+    elif isinstance(images, (Image.Image, np.ndarray)):
         images = [images]
     tensors = []
     for i, img in enumerate(images):
@@ -177,6 +180,8 @@ def to_tensor(images: ImageLike | Sequence[ImageLike], name: str = "images"):
             img = np.repeat(img[..., None], 3, axis=2)
         if img.ndim != 3 or img.shape[2] != 3:
             raise ImageError(f"{name}[{i}]: expected an (H, W, 3) RGB array, got shape {img.shape}")
+        if not img.flags.writeable:
+            img = img.copy()
         if img.dtype == np.uint8:
             t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div(255.0)
         elif np.issubdtype(img.dtype, np.floating):

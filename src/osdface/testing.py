@@ -2,7 +2,7 @@
 
 Everything goes through the real classes and code paths; only the widths are small:
 a 64-px face, a ×8 VAE (8×8 latent), a 2-level UNet with cross-attention width 32, a VRE with a
-16-entry dictionary and 8 prompt tokens. Nothing touches the network.
+16-entry dictionary (so at most 16 of its 77 prompt tokens are non-zero). Nothing touches the network.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ SD21_SCHEDULER_CONFIG = {
     "steps_offset": 1,
 }
 
+#: Follows the release's conventions (16×16 latent grid with attention there, 77 tokens), so the
+#: architecture read back from a checkpoint (``infer_vre_config``) is exactly this one.
 TINY_VRE_CONFIG = dict(
-    n_embed=16, embed_dim=32, ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-    resolution=TINY_RESOLUTION, z_channels=64, num_tokens=8,
+    n_embed=16, embed_dim=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,),
+    resolution=TINY_RESOLUTION, z_channels=64, num_tokens=77,
 )
 
 #: SD 2.1-base UNet architecture (865.9 M parameters) — for benchmarks with random weights.

@@ -80,6 +80,34 @@ def select_prompt_tokens(
     return tokens, idx
 
 
+def infer_vre_config(state_dict: dict[str, torch.Tensor]) -> dict:
+    """Recover the VRE architecture from its (prefix-stripped) state dict.
+
+    Widths, depth, dictionary size and attention placement are read from tensor shapes. The input
+    resolution follows the official convention that attention sits at the 16×16 level
+    (``resolution = 16 · 2^level``); this gives 512 for the release. ``head_size`` and
+    ``num_tokens`` cannot be seen in the weights and keep their defaults (1, 77).
+    """
+    try:
+        emb = state_dict["quantize.embedding.weight"]
+        conv_in = state_dict["encoder.conv_in.weight"]
+        z_channels = state_dict["encoder.conv_out.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"not a VRE state dict: missing {e.args[0]}") from None
+    ch = conv_in.shape[0]
+    levels = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down."))
+    ch_mult = tuple(state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
+    num_res_blocks = 1 + max(int(k.split(".")[4]) for k in state_dict if k.startswith("encoder.down.0.block."))
+    attn_levels = sorted({int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down.") and ".attn." in k})
+    resolution = 16 * 2 ** attn_levels[0] if attn_levels else 16 * 2 ** (levels - 1)
+    return dict(
+        n_embed=emb.shape[0], embed_dim=emb.shape[1], ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+        attn_resolutions=tuple(resolution // 2**i for i in attn_levels), in_channels=conv_in.shape[1],
+        resolution=resolution, z_channels=z_channels,
+        enable_mid=any(k.startswith("encoder.mid.") for k in state_dict),
+    )
+
+
 class VisualPromptEncoder(ModelMixin, ConfigMixin):
     """The VRE: aligned face ``(B, 3, H, W)`` in [-1, 1] → prompt tokens ``(B, num_tokens, embed_dim)``.
 

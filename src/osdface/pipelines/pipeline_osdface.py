@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..constants import TIMESTEP
 from ..image import ImageError, from_model_range, to_model_range, to_pil, to_tensor, to_uint8
 from ..models.lora import merge_lora_into
-from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder
+from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder, infer_vre_config
 from ..utils.io import write_text_atomic
 from ..utils.logging import get_logger
 from ..weights import (
@@ -248,14 +248,23 @@ class OSDFacePipeline:
             device: where to put the modules (default: stay on the CPU).
             fuse_lora: merge the LoRA into the UNet weights (fast, default) or attach it via peft.
             lora_alpha: LoRA alpha when the file carries none (default: = rank, scale 1.0).
-            vre_config: VRE architecture overrides (default: the released architecture).
+            vre_config: VRE architecture (default: read from the checkpoint's tensor shapes, which
+                gives the released architecture for the released file).
         """
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
         base = check_base_model_dir(base_model)
         files = find_official_files(weights)
-        vre = VisualPromptEncoder(**(vre_config or {}))
-        vre.load_state_dict(load_official_vre_state_dict(files.vre, expected=vre.state_dict()), strict=True)
+        vre_sd = load_official_vre_state_dict(files.vre)
+        if vre_config is None:
+            try:
+                vre_config = infer_vre_config(vre_sd)
+            except ValueError as e:
+                raise ValueError(f"{files.vre}: {e}") from None
+        vre = VisualPromptEncoder(**vre_config)
+        expected = vre.state_dict()
+        load_official_vre_state_dict(files.vre, expected=expected)  # strict key/shape check, named errors
+        vre.load_state_dict(vre_sd, strict=True)
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", local_files_only=True)
         adapter = PromptAdapter(vre.config.embed_dim, unet.config.cross_attention_dim)
         adapter.load_state_dict(load_official_adapter_state_dict(files.adapter, expected=adapter.state_dict()),
