@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "restore": "osdface.cli.restore",
     "convert": "osdface.cli.convert",
     "env": "osdface.cli.env",
+    "train": "osdface.cli.train",
     "degrade": "osdface.cli.degrade",
     "align": "osdface.cli.align",
 }

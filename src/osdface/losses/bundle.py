@@ -1,0 +1,84 @@
+"""Weighted sums of ``(pred, target) -> scalar`` losses, with the named terms kept for logging.
+
+The explicit name → factory dictionary :data:`RECONSTRUCTION_LOSSES` is the one place a loss
+name in a config is resolved; unknown names raise with the valid choices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .pixel import CharbonnierLoss, L1Loss, MSELoss
+
+
+def _lpips(net: str = "vgg", pretrained: bool = True) -> nn.Module:
+    from .perceptual import LPIPSLoss  # optional backend, imported lazily
+
+    return LPIPSLoss(net=net, pretrained=pretrained)
+
+
+#: loss name → factory (keyword options from the config go to the factory).
+RECONSTRUCTION_LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "l1": L1Loss,
+    "l2": MSELoss,
+    "charbonnier": CharbonnierLoss,
+    "lpips": _lpips,
+}
+
+
+def build_loss(name: str, **options) -> nn.Module:
+    """Instantiate a registered loss by name."""
+    if name not in RECONSTRUCTION_LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose from {', '.join(sorted(RECONSTRUCTION_LOSSES))}")
+    return RECONSTRUCTION_LOSSES[name](**options)
+
+
+@dataclass
+class LossOutput:
+    """``total`` (scalar with graph) and the un-weighted ``terms`` (scalars with graph)."""
+
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def detached(self, prefix: str = "") -> dict[str, float]:
+        """Plain floats for logging: every term and the total."""
+        out = {f"{prefix}{k}": float(v.detach()) for k, v in self.terms.items()}
+        out[f"{prefix}total"] = float(self.total.detach())
+        return out
+
+
+class LossBundle(nn.Module):
+    """``total = Σ weight_i · loss_i(pred, target)``; terms with weight 0 are not computed.
+
+    Args:
+        losses: name → loss module.
+        weights: name → weight (every name in ``losses`` must have one).
+    """
+
+    def __init__(self, losses: Mapping[str, nn.Module], weights: Mapping[str, float]):
+        super().__init__()
+        missing = sorted(set(losses) - set(weights))
+        if missing:
+            raise ValueError(f"no weight for loss(es) {missing}")
+        self.weights = {k: float(weights[k]) for k in losses}
+        self.losses = nn.ModuleDict({k: m for k, m in losses.items() if self.weights[k] != 0.0})
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> LossOutput:
+        terms = {name: loss(pred, target) for name, loss in self.losses.items()}
+        if not terms:
+            return LossOutput(total=pred.new_zeros(()), terms={})
+        total = sum(self.weights[k] * v for k, v in terms.items())
+        return LossOutput(total=total, terms=terms)
+
+    @staticmethod
+    def combine(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> LossOutput:
+        """Weighted sum of already computed terms (every term needs a weight)."""
+        missing = sorted(set(terms) - set(weights))
+        if missing:
+            raise ValueError(f"no weight for term(s) {missing}")
+        total = sum(float(weights[k]) * v for k, v in terms.items())
+        return LossOutput(total=total, terms=dict(terms))

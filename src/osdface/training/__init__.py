@@ -1,0 +1,26 @@
+"""Training programs: typed experiment configs, the shared accelerate loop, stage 1 (the VRE).
+
+``osdface.training.load_config(ExperimentClass, path, overrides)`` parses a YAML experiment;
+``train_vre(cfg, data_dirs, run_dir)`` runs one stage-1 phase. Heavy modules load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ConfigError": "config", "DataConfig": "config", "TrainConfig": "config", "load_config": "config",
+    "from_dict": "config", "to_dict": "config", "dump_yaml": "config", "apply_overrides": "config",
+    "Trainer": "trainer", "TrainingTask": "trainer", "ShardedEpochSampler": "trainer",
+    "latest_checkpoint": "checkpoint", "resolve_checkpoint": "checkpoint",
+    "VREExperiment": "vre", "VRETask": "vre", "load_vre_config": "vre", "train_vre": "vre",
+    "export_vre": "vre", "write_vre_export": "vre",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
