@@ -109,3 +109,16 @@ def test_bundle_weights_and_terms():
         LossBundle({"l1": L1Loss()}, {})
     with pytest.raises(ValueError, match="choose from"):
         build_loss("ssim")
+
+
+def test_registered_lpips_takes_model_space_images():
+    from osdface.losses.perceptual import LPIPSLoss
+
+    torch.manual_seed(0)
+    wrapped = build_loss("lpips", net="alex", pretrained=False)
+    torch.manual_seed(0)
+    plain = LPIPSLoss(net="alex", pretrained=False)
+    a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    got = wrapped(a * 2 - 1, b * 2 - 1)
+    assert got.item() == pytest.approx(plain(a, b).item(), rel=1e-6)
+    assert got.item() > 0 and wrapped(a * 2 - 1, a * 2 - 1).item() == pytest.approx(0.0, abs=1e-6)

@@ -1,7 +1,9 @@
 """Weighted sums of ``(pred, target) -> scalar`` losses, with the named terms kept for logging.
 
 The explicit name → factory dictionary :data:`RECONSTRUCTION_LOSSES` is the one place a loss
-name in a config is resolved; unknown names raise with the valid choices.
+name in a config is resolved; unknown names raise with the valid choices. Every loss built from
+it takes **model-space** images (``(B, 3, H, W)`` in [-1, 1], as the decoders produce): pixel
+losses compare them directly (DAEFR's L1 is on [-1, 1]), LPIPS maps them to [0, 1] first.
 """
 
 from __future__ import annotations
@@ -15,10 +17,21 @@ from torch import nn
 from .pixel import CharbonnierLoss, L1Loss, MSELoss
 
 
-def _lpips(net: str = "vgg", pretrained: bool = True) -> nn.Module:
-    from .perceptual import LPIPSLoss  # optional backend, imported lazily
+class FromModelRange(nn.Module):
+    """Feed a [0, 1]-input loss with model-space ([-1, 1]) images."""
 
-    return LPIPSLoss(net=net, pretrained=pretrained)
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss((pred + 1) / 2, (target + 1) / 2)
+
+
+def _lpips(net: str = "vgg", pretrained: bool = True) -> nn.Module:
+    from .perceptual import LPIPSLoss  # heavy backend, imported lazily
+
+    return FromModelRange(LPIPSLoss(net=net, pretrained=pretrained))
 
 
 #: loss name → factory (keyword options from the config go to the factory).

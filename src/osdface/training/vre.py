@@ -330,9 +330,6 @@ class VRETask(TrainingTask):
     def gan_active(self, step: int) -> bool:
         return self.disc is not None and step >= self.cfg.loss.disc_start
 
-    def _lpips_input(self, x: torch.Tensor) -> torch.Tensor:
-        return from_model_range(x)
-
     # ------------------------------------------------------------------- the G step
     def generator_step(self, inputs: dict[str, torch.Tensor], step: int, loss_scale: float
                        ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -349,7 +346,7 @@ class VRETask(TrainingTask):
             logs: dict[str, float] = {}
             for b in self.trainable:
                 x, xr = inputs[b], out[f"{b}_recon"]
-                rec = self.rec_loss(self._lpips_input(xr.float()), self._lpips_input(x.float()))
+                rec = self.rec_loss(xr.float(), x.float())  # model space; LPIPS maps to [0, 1] itself
                 vq = self.vq_loss(out[f"{b}_codes"].float(), out[f"{b}_h"].float())
                 branch_total = rec.total + lc.vq * vq
                 logs.update(rec.detached(f"{b}/rec_"))
