@@ -157,3 +157,17 @@ def test_to_moves_and_casts(official_layout, tiny_vre_config):
     assert pipe.device.type == "cpu"
     with pytest.raises(ValueError, match="fp32, fp16, bf16"):
         pipe.to(dtype="fp8")
+
+
+def test_speed_options_keep_outputs(official_layout, tiny_vre_config, faces):
+    """channels-last and VAE chunking change only the float summation order."""
+    pipe = OSDFacePipeline.from_official(*official_layout, vre_config=tiny_vre_config)
+    ref = pipe(faces).images
+    pipe.set_vae_batch_size(1)
+    chunked = pipe(faces).images
+    assert torch.allclose(chunked, ref, atol=1e-4)
+    pipe.set_vae_batch_size(None).enable_channels_last()
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(pipe(faces).images, ref, atol=1e-4)
+    with pytest.raises(ValueError):
+        pipe.set_vae_batch_size(0)

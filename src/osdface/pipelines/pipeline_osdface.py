@@ -100,6 +100,8 @@ class OSDFacePipeline:
         self.vae, self.unet, self.vre, self.prompt_adapter, self.scheduler = vae, unet, vre, prompt_adapter, scheduler
         self.timestep = int(timestep)
         self.resolution = int(resolution if resolution is not None else vre.config.resolution)
+        self.vae_batch_size: int | None = None
+        self._channels_last = False
         for m in self.modules().values():
             m.eval()
             m.requires_grad_(False)
@@ -128,7 +130,40 @@ class OSDFacePipeline:
         dev = resolve_device(device) if device is not None else None
         dt = parse_dtype(dtype)
         for m in self.modules().values():
+            p = next(m.parameters(), None)
+            if p is None or (dev in (None, p.device) and dt in (None, p.dtype)):
+                continue  # nothing to do (and no diffusers cast warning)
             m.to(device=dev, dtype=dt)
+        return self
+
+    # ------------------------------------------------------------------------ speed options
+    def enable_channels_last(self) -> OSDFacePipeline:
+        """Use the channels-last memory format for the conv-heavy modules (VAE, UNet, VRE encoder).
+
+        Same math; on GPUs with tensor cores (and some CPUs) the convolutions run faster. Results
+        differ from contiguous NCHW only by float summation order.
+        """
+        for m in (self.vae, self.unet, self.vre):
+            m.to(memory_format=torch.channels_last)
+        self._channels_last = True
+        return self
+
+    def compile(self, mode: str | None = "max-autotune-no-cudagraphs", **kwargs) -> OSDFacePipeline:
+        """``torch.compile`` the UNet and the VAE encoder/decoder (first call is slow; then faster).
+
+        ``kwargs`` go to ``torch.compile`` (e.g. ``dynamic=False``, ``fullgraph=False``).
+        """
+        self.unet = torch.compile(self.unet, mode=mode, **kwargs)
+        self.vae.encoder = torch.compile(self.vae.encoder, mode=mode, **kwargs)
+        self.vae.decoder = torch.compile(self.vae.decoder, mode=mode, **kwargs)
+        return self
+
+    def set_vae_batch_size(self, n: int | None) -> OSDFacePipeline:
+        """Run the VAE encoder/decoder ``n`` images at a time (bounds activation memory for large
+        batches; ``None`` = the whole batch at once)."""
+        if n is not None and n < 1:
+            raise ValueError("VAE batch size must be >= 1 or None")
+        self.vae_batch_size = n
         return self
 
     @property
@@ -146,7 +181,8 @@ class OSDFacePipeline:
                 f"aligned mode needs square face crops (got {w}x{h}); align photos first "
                 "(osdface restore without --aligned detects and aligns faces)"
             )
-        x = to_model_range(x.to(self.device, dtype=self.dtype))
+        x = x.to(self.device, non_blocking=x.device.type == "cpu" and x.is_pinned())
+        x = to_model_range(x.to(dtype=self.dtype))
         if h != self.resolution:
             # official: bilinear, align_corners=True, no antialias (applied in model space)
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=True)
@@ -160,14 +196,19 @@ class OSDFacePipeline:
 
     def encode_latent(self, lq: torch.Tensor, latent: LatentMode = "mode", generator: torch.Generator | None = None):
         """``(B, 3, R, R)`` in [-1, 1] → ``z_L`` ``(B, 4, R/8, R/8)``, scaled by ``scaling_factor`` (step 3)."""
-        dist = self.vae.encode(lq).latent_dist
-        if latent == "mode":
-            z = dist.mode()
-        elif latent == "sample":
-            z = dist.sample(generator=generator)
-        else:
+        if latent not in ("mode", "sample"):
             raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}")
-        return z * self.vae.config.scaling_factor
+        zs = []
+        for chunk in self._vae_chunks(lq):
+            dist = self.vae.encode(chunk).latent_dist
+            zs.append(dist.mode() if latent == "mode" else dist.sample(generator=generator))
+        return torch.cat(zs) * self.vae.config.scaling_factor
+
+    def _vae_chunks(self, x: torch.Tensor):
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        n = self.vae_batch_size or len(x)
+        return x.split(n)
 
     def predict_x0(self, z_lq: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """ẑ_H = (z_L − √(1−ᾱ)·ε̂)/√ᾱ in float64, returned as float32 (step 6).
@@ -183,7 +224,8 @@ class OSDFacePipeline:
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Latent → image in [0, 1] (step 7)."""
-        img = self.vae.decode(x0.to(self.dtype) / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+        z = x0.to(self.dtype) / self.vae.config.scaling_factor
+        img = torch.cat([self.vae.decode(c).sample for c in self._vae_chunks(z)]).clamp(-1, 1)
         return from_model_range(img).clamp(0.0, 1.0)
 
     def restore_tensor(self, lq: torch.Tensor, latent: LatentMode = "mode",
