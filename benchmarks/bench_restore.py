@@ -1,0 +1,200 @@
+"""Time one-step restoration of 512×512 faces with the real SD 2.1-base architecture (random weights).
+
+Prints JSON: load time and RSS, seconds per stage (VRE + adapter, VAE encode, UNet, x0, VAE decode,
+pre/post-processing) per batch size, faces/second, peak memory, and the FLOP count with the achieved
+FLOP/s. No download: the model folder is built once from configs with random weights.
+
+    .venv/bin/python benchmarks/bench_restore.py                      # CPU fp32, batch 1
+    .venv/bin/python benchmarks/bench_restore.py --device cuda --dtype fp16 --batch-sizes 1 8 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import (  # noqa: E402
+    RSSSampler,
+    build_random_model_folder,
+    collect,
+    emit,
+    machine,
+    peak_rss_gb,
+    rss_gb,
+    sync,
+    timed,
+)
+
+
+def stage_times(pipe, x_uint8: torch.Tensor) -> dict:
+    """One batch through the pipeline's stages, timed separately (same math as ``pipe.__call__``)."""
+    from osdface.image import to_uint8
+
+    dev = pipe.device
+    t: dict = {}
+    with torch.inference_mode():
+        with timed(t, "preprocess", dev):
+            lq = pipe.preprocess(x_uint8.to(dev, non_blocking=True).float().div(255))
+        with timed(t, "vre_and_adapter", dev):
+            prompt = pipe.encode_prompt(lq)
+        with timed(t, "vae_encode", dev):
+            z = pipe.encode_latent(lq)
+        with timed(t, "unet", dev):
+            eps = pipe.unet(z, pipe.timestep, encoder_hidden_states=prompt.to(z.dtype)).sample
+        with timed(t, "x0", dev):
+            x0 = pipe.predict_x0(z, eps)
+        with timed(t, "vae_decode", dev):
+            out = pipe.decode(x0)
+        with timed(t, "postprocess", dev):
+            to_uint8(out.float())
+    t["total"] = sum(t.values())
+    return t
+
+
+def measure_peak(device: torch.device, dtype: torch.dtype) -> dict:
+    """Measured throughput of a large 3×3 convolution and a large matmul on this device (TFLOP/s)."""
+    out = {}
+    with torch.inference_mode():
+        conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(device, dtype)
+        x = torch.randn(1, 256, 128, 128, device=device, dtype=dtype)
+        flops = 2 * 256 * 256 * 9 * 128 * 128
+        for name, fn, f in (("conv3x3", lambda: conv(x), flops),
+                            ("matmul", lambda: a @ b, 2 * 2048**3)):
+            if name == "matmul":
+                a = torch.randn(2048, 2048, device=device, dtype=dtype)
+                b = torch.randn(2048, 2048, device=device, dtype=dtype)
+            fn()
+            sync(device)
+            n, t0 = 0, time.perf_counter()
+            while n < 3 or time.perf_counter() - t0 < 2.0:
+                fn()
+                n += 1
+            sync(device)
+            out[f"{name}_tflops"] = round(f * n / (time.perf_counter() - t0) / 1e12, 4)
+    return out
+
+
+def official_baseline(pipe, n: int, ours_runs: dict) -> dict:
+    """Time the official execution pattern on ``n`` images and compare outputs with ours."""
+    import numpy as np
+    from PIL import Image
+
+    from official_pattern import official_restore_one
+
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (pipe.resolution, pipe.resolution, 3), dtype=np.uint8))
+            for _ in range(n)]
+    official_restore_one(pipe, imgs[0])  # warm-up
+    t0 = time.perf_counter()
+    outs = [official_restore_one(pipe, im) for im in imgs]
+    sec = (time.perf_counter() - t0) / n
+    ours = pipe(np.stack([np.asarray(im) for im in imgs]), output_type="np", rounding="truncate").images
+    diff = np.abs(ours.astype(int) - np.stack(outs).astype(int))
+    return {"seconds_per_face": round(sec, 4), "faces_per_second": round(1 / sec, 3),
+            "max_abs_uint8_diff_vs_ours": int(diff.max()), "mean_abs_uint8_diff_vs_ours": float(diff.mean())}
+
+
+def count_flops(pipe, batch: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.rand(batch, 3, pipe.resolution, pipe.resolution)
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        pipe(x)
+    return float(fc.get_total_flops())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per batch size (after one warm-up)")
+    ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "osdface-bench-sd21-random"))
+    ap.add_argument("--flops", action="store_true", help="count FLOPs and measure the device's conv/matmul peak")
+    ap.add_argument("--official-baseline", type=int, default=0, metavar="N",
+                    help="also run the official execution pattern on N images and compare outputs")
+    ap.add_argument("--tiny", action="store_true", help="tiny 64-px random model (smoke test of this script)")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+
+    from osdface.pipelines import OSDFacePipeline
+
+    if args.tiny:
+        from osdface.testing import tiny_components
+        folder = Path(tempfile.mkdtemp()) / "tiny"
+        OSDFacePipeline(**tiny_components(0)).save_pretrained(folder)
+    else:
+        folder = build_random_model_folder(Path(args.model_dir))
+    weights_gb = sum(p.stat().st_size for p in folder.rglob("*.safetensors")) / 1e9
+    collect()
+    rss0 = rss_gb()
+    t0 = time.perf_counter()
+    with RSSSampler() as load_rss:
+        pipe = OSDFacePipeline.from_pretrained(folder, torch_dtype=args.dtype, device=args.device)
+        sync(pipe.device)
+    if args.channels_last:
+        pipe.enable_channels_last()
+    if args.compile:
+        pipe.compile()
+    result = {
+        "benchmark": "restore",
+        "machine": machine(),
+        "device": str(pipe.device),
+        "dtype": args.dtype,
+        "resolution": pipe.resolution,
+        "weights_gb_on_disk": round(weights_gb, 3),
+        "load_seconds": round(time.perf_counter() - t0, 2),
+        "load_peak_rss_gb": round(load_rss.peak, 3),
+        "load_rss_increase_gb": round(load_rss.peak - rss0, 3),
+        "params_millions": {n: round(sum(p.numel() for p in m.parameters()) / 1e6, 2) for n, m in pipe.modules().items()},
+        "options": {"channels_last": args.channels_last, "compile": args.compile},
+        "runs": [],
+    }
+    for bs in args.batch_sizes:
+        x = torch.randint(0, 256, (bs, 3, pipe.resolution, pipe.resolution), dtype=torch.uint8)
+        if pipe.device.type == "cuda":
+            x = x.pin_memory()
+            torch.cuda.reset_peak_memory_stats()
+        if not args.no_warmup:
+            stage_times(pipe, x)
+        best = None
+        with RSSSampler() as run_rss:
+            for _ in range(args.repeats):
+                t = stage_times(pipe, x)
+                best = t if best is None or t["total"] < best["total"] else best
+        run = {
+            "batch_size": bs,
+            "seconds": {k: round(v, 4) for k, v in best.items()},
+            "seconds_per_face": round(best["total"] / bs, 4),
+            "faces_per_second": round(bs / best["total"], 3),
+            "peak_rss_gb": round(run_rss.peak, 3),
+        }
+        if pipe.device.type == "cuda":
+            run["peak_gpu_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+        result["runs"].append(run)
+    if args.flops:
+        flops = count_flops(pipe, 1)
+        result["flops_per_face"] = flops
+        result["device_peak"] = measure_peak(pipe.device, pipe.dtype)
+        for r in result["runs"]:
+            r["achieved_tflops"] = round(flops / r["seconds_per_face"] / 1e12, 4)
+            r["fraction_of_conv_peak"] = round(r["achieved_tflops"] / result["device_peak"]["conv3x3_tflops"], 3)
+    if args.official_baseline:
+        base = official_baseline(pipe, args.official_baseline, result["runs"])
+        best = min(r["seconds_per_face"] for r in result["runs"])
+        base["speedup_ours_best_vs_official"] = round(base["seconds_per_face"] / best, 2)
+        result["official_pattern"] = base
+    result["process_peak_rss_gb"] = round(peak_rss_gb(), 3)
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
