@@ -1,0 +1,47 @@
+"""CUDA / MPS checks (deselected by default: ``pytest -m gpu``); run on a lent GPU machine."""
+
+import pytest
+import torch
+
+from osdface.pipelines import OSDFacePipeline
+
+
+def _find_accelerator():
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return None
+
+
+ACCEL = _find_accelerator()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(ACCEL is None, reason="no CUDA or MPS device")]
+
+
+def _accelerator():
+    return ACCEL
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_accelerator_matches_cpu(official_layout, tiny_vre_config, faces, dtype):
+    dev = _accelerator()
+    if dev == "mps" and dtype == "bf16":
+        pytest.skip("bf16 on MPS is not supported by every macOS")
+    cpu = OSDFacePipeline.from_official(*official_layout, vre_config=tiny_vre_config)
+    acc = OSDFacePipeline.from_official(*official_layout, vre_config=tiny_vre_config, device=dev, torch_dtype=dtype)
+    ref = cpu(faces).images
+    out = acc(faces).images
+    assert out.device.type == dev and torch.isfinite(out).all()
+    tol = 2e-3 if dtype == "fp32" else 3e-2  # TF32 / half precision
+    assert (out.cpu() - ref).abs().mean() < tol
+    batch1 = torch.cat([acc(f).images for f in faces])
+    assert (batch1 - out).abs().max() < (1e-3 if dtype == "fp32" else 2e-2)
+
+
+def test_sampling_generator_on_device(official_layout, tiny_vre_config, faces):
+    dev = _accelerator()
+    pipe = OSDFacePipeline.from_official(*official_layout, vre_config=tiny_vre_config, device=dev)
+    g = lambda: torch.Generator(device=dev).manual_seed(3)  # noqa: E731
+    a = pipe(faces[:2], latent="sample", generator=g()).images
+    b = pipe(faces[:2], latent="sample", generator=g()).images
+    assert torch.equal(a, b)
