@@ -80,14 +80,19 @@ def test_identical_items_with_0_or_2_workers_and_any_batch_or_order(hq_dir):
     ds = DegradedFaceDataset(hq_dir, degradation="osediff-face", size=SIZE, seed=1)
     ref = [ds[i] for i in range(len(ds))]
     ref_lq, ref_gt = _stack(ref, "lq"), _stack(ref, "gt")
+    # Start OpenCV's thread pool in this process before the workers fork: touching the pool's
+    # configuration in a forked child (cv2.setNumThreads) then deadlocks. timeout= turns a hang
+    # into an error.
+    big = np.zeros((1024, 1024, 3), np.float32)
+    cv2.filter2D(cv2.resize(big, (900, 900)), -1, np.ones((41, 41), np.float32))
     for workers, batch in ((0, 1), (2, 2), (2, 3)):
-        batches = list(DataLoader(ds, batch_size=batch, num_workers=workers))
+        batches = list(DataLoader(ds, batch_size=batch, num_workers=workers, timeout=120 if workers else 0))
         assert torch.equal(torch.cat([b["lq"] for b in batches]), ref_lq)
         assert torch.equal(torch.cat([b["gt"] for b in batches]), ref_gt)
         assert torch.cat([b["index"] for b in batches]).tolist() == list(range(len(ds)))
     # shuffled order: each item is still the same, identified by its index
     g = torch.Generator().manual_seed(0)
-    for b in DataLoader(ds, batch_size=2, shuffle=True, generator=g, num_workers=2):
+    for b in DataLoader(ds, batch_size=2, shuffle=True, generator=g, num_workers=2, timeout=120):
         for j, idx in enumerate(b["index"].tolist()):
             assert torch.equal(b["lq"][j], ref_lq[idx])
 

@@ -1,4 +1,5 @@
-"""Data layer: seeded synthetic degradations (:mod:`.degradation`) and datasets (:mod:`.datasets`).
+"""Data layer: seeded synthetic degradations (:mod:`.degradation`), datasets (:mod:`.datasets`)
+and synthetic test-set building (:mod:`.testset`).
 
 Names are imported lazily so that ``import osdface.data.degradation`` (NumPy/OpenCV only) does not
 pull in torch.
@@ -17,7 +18,8 @@ _EXPORTS = {
     "resolve_degradation": "degradation",
     "DegradedFaceDataset": "datasets",
     "PairedFolderDataset": "datasets",
-    "list_images": "datasets",
+    "list_images": "files",
+    "degrade_folder": "testset",
 }
 
 __all__ = sorted(_EXPORTS)

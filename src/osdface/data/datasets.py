@@ -19,7 +19,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from ..constants import FACE_SIZE, IMAGE_EXTENSIONS
@@ -40,12 +39,6 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
         return img
     interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_CUBIC
     return cv2.resize(img, (size, size), interpolation=interp)
-
-
-def _limit_opencv_threads() -> None:
-    """One OpenCV thread per DataLoader worker (the workers already give the parallelism)."""
-    if torch.utils.data.get_worker_info() is not None and cv2.getNumThreads() != 1:
-        cv2.setNumThreads(1)
 
 
 class DegradedFaceDataset(Dataset):
@@ -139,7 +132,6 @@ class DegradedFaceDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index = index % len(self)
-        _limit_opencv_threads()
         key = self.keys[index]
         seed = image_seed(self.seed, key, self.epoch)
         gt = _resize(read_image(self.files[index]).rgb, self.size)
@@ -209,7 +201,6 @@ class PairedFolderDataset(Dataset):
         return rgb if self.size is None else _resize(rgb, self.size)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        _limit_opencv_threads()
         lq_path, gt_path = self.pairs[index]
         return {
             "lq": to_tensor(self._load(lq_path))[0],

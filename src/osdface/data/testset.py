@@ -57,11 +57,13 @@ class FolderDegradationResult:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(config: dict[str, Any]) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # the processes provide the parallelism
+def _init_worker(config: dict[str, Any], single_thread: bool = False) -> None:
     from .degradation import DegradationConfig
+
+    if single_thread:  # only in freshly spawned workers: the processes provide the parallelism
+        import cv2
+
+        cv2.setNumThreads(1)
 
     _WORKER["degrader"] = Degrader(DegradationConfig.from_dict(config))
 
@@ -178,7 +180,7 @@ def degrade_folder(
         else:
             # spawn: safe with OpenCV/torch threads in the parent (fork can deadlock them)
             with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn"),
-                                     initializer=_init_worker, initargs=(config.to_dict(),)) as pool:
+                                     initializer=_init_worker, initargs=(config.to_dict(), True)) as pool:
                 futures = [pool.submit(_degrade_one, *job) for job in jobs]
                 for fut in as_completed(futures):
                     collect(*fut.result())
