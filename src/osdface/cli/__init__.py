@@ -22,6 +22,9 @@ SUBCOMMANDS = {
     "train": "osdface.cli.train",
     "degrade": "osdface.cli.degrade",
     "align": "osdface.cli.align",
+    "export": "osdface.cli.export",
+    "evaluate": "osdface.cli.evaluate",  # also registers `benchmark-table`
+    "weights": "osdface.cli.weights",
 }
 
 
