@@ -50,7 +50,7 @@ def time_loader(root: Path, preset: str, workers: int, batch_size: int, epochs: 
         pass
     n, t0 = 0, time.perf_counter()
     for epoch in range(1, epochs + 1):
-        ds.set_epoch(epoch)  # reaches persistent workers only through a new iterator's copy: see docs
+        ds.set_epoch(epoch)  # new draws each epoch (shared with the persistent workers)
         for batch in loader:
             n += batch["lq"].shape[0]
     return n / (time.perf_counter() - t0)

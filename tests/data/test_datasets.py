@@ -114,6 +114,17 @@ def test_seed_and_epoch_change_the_draws_deterministically(hq_dir):
         a.set_epoch(-1)
 
 
+def test_set_epoch_reaches_persistent_workers(hq_dir):
+    ds = DegradedFaceDataset(hq_dir, size=SIZE, seed=4)
+    ref = DegradedFaceDataset(hq_dir, size=SIZE, seed=4)
+    loader = DataLoader(ds, batch_size=5, num_workers=2, persistent_workers=True, timeout=120)
+    for epoch in (0, 2, 1):
+        ds.set_epoch(epoch)
+        ref.set_epoch(epoch)
+        (batch,) = list(loader)
+        assert torch.equal(batch["lq"], _stack([ref[i] for i in range(len(ref))], "lq")), epoch
+
+
 def test_several_roots_pool_their_images_with_distinct_identities(hq_dir, tmp_path):
     second = tmp_path / "ffhqr"
     second.mkdir()

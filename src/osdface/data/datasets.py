@@ -19,6 +19,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from ..constants import FACE_SIZE, IMAGE_EXTENSIONS
@@ -57,9 +58,9 @@ class DegradedFaceDataset(Dataset):
     folder name when there are several roots (``"ffhq/00001.png"``); with ``seed`` and the epoch
     it fixes the flip and all degradation parameters.
 
-    Call :meth:`set_epoch` before iterating a new epoch. DataLoader workers hold a copy of the
-    dataset taken when the iterator starts, so with ``persistent_workers=True`` the new epoch
-    only reaches them if the loader is re-created.
+    Call :meth:`set_epoch` before iterating a new epoch. The epoch lives in a shared-memory
+    tensor, so it also reaches ``persistent_workers=True`` DataLoader workers (set it before the
+    epoch's ``iter(loader)``, not while a loader is mid-epoch).
 
     Raises:
         FileNotFoundError / ValueError: a missing root or no images found.
@@ -86,7 +87,7 @@ class DegradedFaceDataset(Dataset):
         self.size = int(size)
         self.hflip = bool(hflip)
         self.seed = int(seed)
-        self.epoch = 0
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # visible to worker processes
         prefixes = self._root_prefixes(self.roots)
         self.files: list[Path] = []
         self.keys: list[str] = []
@@ -113,11 +114,16 @@ class DegradedFaceDataset(Dataset):
         """The degradation ranges in use."""
         return self.degrader.config
 
+    @property
+    def epoch(self) -> int:
+        """The current epoch (0 until :meth:`set_epoch` is called)."""
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch: each epoch draws new flips and degradations (deterministically)."""
         if epoch < 0:
             raise ValueError(f"epoch must be non-negative, got {epoch}")
-        self.epoch = int(epoch)
+        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -133,14 +139,15 @@ class DegradedFaceDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index = index % len(self)
         key = self.keys[index]
-        seed = image_seed(self.seed, key, self.epoch)
+        epoch = self.epoch
+        seed = image_seed(self.seed, key, epoch)
         gt = _resize(read_image(self.files[index]).rgb, self.size)
         flip = self.hflip and bool(np.random.default_rng((seed, 1)).random() < 0.5)
         if flip:
             gt = np.ascontiguousarray(gt[:, ::-1])
         lq, params = self.degrader(gt, seed)
         return {"lq": lq, "gt": gt, "path": str(self.files[index]), "key": key, "seed": seed,
-                "epoch": self.epoch, "hflip": flip, "params": params}
+                "epoch": epoch, "hflip": flip, "params": params}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         s = self.sample(index)
