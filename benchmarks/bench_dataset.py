@@ -2,8 +2,9 @@
 
 Writes ``--images`` distinct 512×512 PNGs (crops of scikit-image's bundled photos) to a temporary
 folder, then times a ``DataLoader`` with ``--workers`` processes over them (after one warm-up
-pass that starts the workers and fills the page cache), for each preset. Also times the bare
-degradation (no decoding) in this process. Prints one JSON object.
+pass that starts the workers and fills the page cache), for each preset. Also measures the CPU
+time of one item and of the bare degradation in this process (one OpenCV thread): on a shared
+machine the wall-clock images/s depends on the load, the CPU time much less. Prints JSON.
 
     .venv/bin/python benchmarks/bench_dataset.py --workers 2 --images 64
 """
@@ -69,7 +70,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}",
         "opencv": cv2.__version__, "torch": torch.__version__,
         "images": args.images, "workers": args.workers, "batch_size": args.batch_size,
-        "loader_images_per_s": {}, "degrade_only_ms_per_image_1_thread": {},
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "loader_images_per_s": {}, "degrade_only_ms_per_image_1_thread": {},  # CPU ms
     }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -78,14 +80,25 @@ def main() -> None:
             result["loader_images_per_s"][preset] = round(
                 time_loader(root, preset, args.workers, args.batch_size, args.epochs), 1)
         cv2.setNumThreads(1)
+        # CPU time per item in this process (load-independent, unlike wall time): the images/s
+        # two idle cores could deliver is about 2000 / this.
+        result["item_cpu_ms_1_thread"] = {}
+        for preset in PRESETS:
+            ds = DegradedFaceDataset(root, degradation=preset, size=512, seed=0)
+            t0 = time.process_time()
+            for i in range(len(ds)):
+                ds[i]
+            result["item_cpu_ms_1_thread"][preset] = round((time.process_time() - t0) / len(ds) * 1e3, 1)
+        result["idle_2core_estimate_images_per_s"] = {
+            k: round(2000.0 / v, 1) for k, v in result["item_cpu_ms_1_thread"].items()}
         hq = cv2.resize(__import__("skimage.data", fromlist=["astronaut"]).astronaut(), (512, 512))
         for preset in PRESETS:
             deg = Degrader(preset)
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             reps = 40
             for i in range(reps):
                 deg(hq, image_seed(0, str(i)))
-            result["degrade_only_ms_per_image_1_thread"][preset] = round((time.perf_counter() - t0) / reps * 1e3, 1)
+            result["degrade_only_ms_per_image_1_thread"][preset] = round((time.process_time() - t0) / reps * 1e3, 1)
     print(json.dumps(result, indent=1))
 
 
