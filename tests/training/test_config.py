@@ -49,7 +49,9 @@ def test_overrides_are_typed():
         "loss.adaptive_gan_weight=false",
         "model.init_hq=/some/run",
         "phase=lq",
+        "train.mixed_precision=no",      # YAML 1.1 reads "no" as false
     ])
+    assert cfg.train.mixed_precision == "no"
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.train.batch_size == 3
     assert cfg.model.vqgan.ch_mult == (1, 2)

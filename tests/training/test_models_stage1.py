@@ -38,6 +38,11 @@ def test_quantizer_picks_nearest_code_and_passes_gradients():
     assert torch.equal(out.indices.reshape(-1), brute)
     assert torch.allclose(out.codes.permute(0, 2, 3, 1).reshape(-1, 32), m.codebook[brute])
     out.recon.mean().backward()
+    # every trainable parameter but the dictionary takes part in the forward (DDP relies on it);
+    # the attention blocks' norm2 (cross-attention only) is frozen
+    unused = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None and "quantize" not in n]
+    assert unused == []
+    assert all(not p.requires_grad for n, p in m.named_parameters() if ".norm2." in n and ".attn" in n)
     # straight-through: the encoder gets a gradient through the quantiser
     assert m.encoder.conv_in.weight.grad.abs().sum() > 0
     assert m.codebook.grad is None or m.codebook.grad.abs().sum() == 0  # only the VQ loss moves codes

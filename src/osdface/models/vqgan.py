@@ -23,7 +23,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .prompt_encoder import VisualPromptEncoder, code_distances
-from .vq import MultiHeadDecoder, MultiHeadEncoder
+from .vq import MultiHeadAttnBlock, MultiHeadDecoder, MultiHeadEncoder
 
 #: keys shared with :class:`VisualPromptEncoder` (the VRE = LQ encoder + LQ dictionary).
 VRE_KEY_PREFIXES = ("encoder.", "quant_conv.", "quantize.embedding.")
@@ -130,6 +130,12 @@ class VQAutoencoder(ModelMixin, ConfigMixin):
         self.quantize = VectorQuantizer(n_embed, embed_dim)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         self.decoder = MultiHeadDecoder(out_ch=out_channels, **arch)
+        # The attention blocks' ``norm2`` only serves the (never used) cross-attention variant; it
+        # stays in the state dict for the official key layout but gets no gradient, so freeze it
+        # (DDP would otherwise wait for its gradients).
+        for module in self.modules():
+            if isinstance(module, MultiHeadAttnBlock):
+                module.norm2.requires_grad_(False)
 
     @property
     def codebook(self) -> torch.Tensor:

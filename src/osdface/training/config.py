@@ -125,6 +125,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)} ({'; '.join(errors)})")
     if origin is Literal:
+        if isinstance(value, bool) and all(isinstance(a, str) for a in args):
+            # YAML 1.1 reads no/off/yes/on as booleans: map back to a matching string option
+            spelled = [a for a in args if a.lower() in (("yes", "on", "true") if value else ("no", "off", "false"))]
+            if len(spelled) == 1:
+                return spelled[0]
         if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
             return value
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
