@@ -84,6 +84,7 @@ def test_background_unchanged_and_no_face_photo_written_as_is(photo_run, astrona
     assert changed.any() and xs.min() > 100 and xs.max() < 350 and ys.min() > 0 and ys.max() < 260
     blank = np.asarray(Image.open(out / "blank.png"))
     np.testing.assert_array_equal(blank, np.full((120, 160, 3), 77, np.uint8))
+    assert "blank.png: no face found; written unchanged" in photo_run[4]
 
 
 def test_report_format(photo_run, yunet, astronaut, kodim):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .common import report_error
@@ -52,9 +53,11 @@ def build_restorer(pipe, args):
     from ..face.parsing import FaceParser
 
     device = str(pipe.device)
-    detector = create_detector(getattr(args, "detector", "yunet"), weights=getattr(args, "detector_weights", None),
+    name = getattr(args, "detector", "yunet")
+    extra = {"device": device} if name.startswith("retinaface") else {}
+    detector = create_detector(name, weights=getattr(args, "detector_weights", None),
                                score_threshold=getattr(args, "det_threshold", None),
-                               nms_threshold=getattr(args, "nms_threshold", None))
+                               nms_threshold=getattr(args, "nms_threshold", None), **extra)
     parser = FaceParser.from_file(args.parsing_model, device=device) if getattr(args, "parsing_model", None) else None
     bg = create_bg_upsampler(getattr(args, "bg_upsampler", "lanczos"), device=device,
                              tile=getattr(args, "bg_tile", 400))
@@ -125,7 +128,7 @@ def restore_photos(pipe, jobs: list[tuple[Path, Path]], args: argparse.Namespace
             continue
         entry["faces"] = [f.detection.to_json() for f in res.faces]
         if not res.faces:
-            bar.write(f"{src}: no face found; written unchanged") if bar else None
+            tqdm.write(f"{src}: no face found; written unchanged", file=sys.stderr)
         try:
             if res.image is not None:
                 save_image(dst, res.image, res.alpha)
