@@ -189,3 +189,24 @@ def test_export_loads_into_the_pipeline_and_the_official_layout(tmp_path, assoc_
     again = export_vre(run, tmp_path / "again")
     assert torch.equal(load_file(str(again[0] / "diffusion_pytorch_model.safetensors"))["quantize.embedding.weight"],
                        vre.codebook.detach())
+
+
+def test_three_phase_chain_initialises_the_association_phase(tmp_path, small_face_dir):
+    one = ["train.max_steps=1", "train.batch_size=1", *QUIET, *NO_LPIPS]
+    train_vre(load_vre_config(TINY, [*one, "phase=hq"]), [small_face_dir], tmp_path / "hq", cpu=True)
+    train_vre(load_vre_config(TINY, [*one, "phase=lq"]), [small_face_dir], tmp_path / "lq", cpu=True)
+    # lr 0: the association run's weights must stay exactly the ones it was initialised from
+    cfg = load_vre_config(TINY, [*one, "phase=assoc", "optim.lr=0", f"model.init_hq={tmp_path / 'hq'}",
+                                 f"model.init_lq={latest_checkpoint(tmp_path / 'lq')}"])
+    train_vre(cfg, [small_face_dir], tmp_path / "assoc", cpu=True)
+    got = _params(latest_checkpoint(tmp_path / "assoc"))
+    for branch in ("hq", "lq"):
+        src = latest_checkpoint(tmp_path / branch)
+        for sub in (f"vqgan_{branch}", f"disc_{branch}"):
+            ref = load_file(str(src / sub / "diffusion_pytorch_model.safetensors"))
+            assert all(torch.equal(got[f"{sub}.{k}"], v) for k, v in ref.items() if "running" not in k
+                       and "num_batches" not in k), sub
+    # an earlier phase with another architecture is refused, naming the difference
+    bad = load_vre_config(TINY, [*one, "phase=assoc", "model.vqgan.n_embed=8", f"model.init_hq={tmp_path / 'hq'}"])
+    with pytest.raises(ValueError, match="n_embed"):
+        train_vre(bad, [small_face_dir], tmp_path / "bad", cpu=True)
