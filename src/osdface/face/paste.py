@@ -42,7 +42,10 @@ def soft_mask(size: int, erode: float = 0.04, feather: float = 0.10) -> np.ndarr
 
 
 def _paste_one(canvas: np.ndarray, face: np.ndarray, mask: np.ndarray, inv_affine: np.ndarray) -> None:
-    """Blend one crop into ``canvas`` (float32 ``(H, W, 3)``, in place) through ``inv_affine``."""
+    """Blend one crop into ``canvas`` (uint8 ``(H, W, 3)``, in place) through ``inv_affine``.
+
+    Only the face's region of interest is converted to float, so memory stays at the output size.
+    """
     h, w = canvas.shape[:2]
     s = face.shape[0]
     quad = np.array([[0, 0], [s - 1, 0], [s - 1, s - 1], [0, s - 1]], np.float64) @ inv_affine[:, :2].T + inv_affine[:, 2]
@@ -67,8 +70,9 @@ def _paste_one(canvas: np.ndarray, face: np.ndarray, mask: np.ndarray, inv_affin
     warped = cv2.warpAffine(src, a, size, flags=interp, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     m = cv2.warpAffine(mask, a, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     m = np.clip(m, 0.0, 1.0)[..., None]
-    roi = canvas[y0:y1, x0:x1]
+    roi = canvas[y0:y1, x0:x1].astype(np.float32)
     roi += m * (np.clip(warped, 0.0, 255.0) - roi)
+    canvas[y0:y1, x0:x1] = np.clip(np.rint(roi), 0, 255).astype(np.uint8)  # unchanged where m == 0
 
 
 def paste_order(areas: list[float]) -> list[int]:
@@ -93,9 +97,9 @@ def paste_faces(background: np.ndarray, faces: list[np.ndarray], inverse_affines
     """
     if not (len(faces) == len(inverse_affines) == len(masks)):
         raise ValueError("faces, inverse_affines and masks must have the same length")
-    canvas = background.astype(np.float32)
+    canvas = np.clip(np.rint(background), 0, 255).astype(np.uint8) if background.dtype != np.uint8 else background.copy()
     order = paste_order(list(areas) if areas is not None else [0.0] * len(faces))
     for i in order:
         inv = scale_affine_output(inverse_affines[i], upscale) if upscale != 1 else np.asarray(inverse_affines[i])
         _paste_one(canvas, faces[i].astype(np.float32), masks[i].astype(np.float32), inv)
-    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    return canvas
