@@ -36,7 +36,8 @@ def add_face_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--color-fix", default="wavelet", choices=["wavelet", "adain", "none"],
                    help="colour correction of restored faces against their input (default wavelet)")
     g.add_argument("--parsing-model", metavar="FILE",
-                   help="facexlib parsing_parsenet.pth: paste only face regions (hair/background kept)")
+                   help="facexlib parsing_parsenet.pth: paste only the face (skin, features, hair); "
+                        "background, neck, clothes and hats stay from the input")
     g.add_argument("--no-paste-back", dest="paste_back", action="store_false",
                    help="do not paste faces back; write the restored face crops only")
     g.add_argument("--save-faces", action="store_true",
