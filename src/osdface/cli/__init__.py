@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "degrade": "osdface.cli.degrade",
     "align": "osdface.cli.align",
     "export": "osdface.cli.export",
+    "export": "osdface.cli.export",
     "evaluate": "osdface.cli.evaluate",  # also registers `benchmark-table`
     "weights": "osdface.cli.weights",
 }

@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
                           "and, for phases lq/assoc, RUN_DIR/export/{vre/,associate_2.ckpt}.")
     _add_common(vre)
     vre.set_defaults(run=run_vre)
+    from .train_generator import add_parser as add_generator_parser  # stage 2 (its own module)
+
+    add_generator_parser(tsub, _add_common)
     p.set_defaults(run=lambda args: _missing_trainer(p))
 
 
