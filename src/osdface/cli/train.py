@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .common import report_error
 
+
 def _add_common(p) -> None:
     p.add_argument("--config", required=True, metavar="FILE", help="experiment YAML (e.g. configs/vre-paper.yaml)")
     p.add_argument("--data", required=True, nargs="+", metavar="HQ_DIR", help="folder(s) of aligned HQ faces")
