@@ -17,6 +17,8 @@ _LAZY = {
     "VisualPromptEncoder": "osdface.models.prompt_encoder",
     "PromptAdapter": "osdface.models.prompt_encoder",
     "WeightsNotFoundError": "osdface.weights",
+    "FaceRestorer": "osdface.face.restorer",
+    "read_image": "osdface.image",
 }
 
 __all__ = ["__version__", *_LAZY]

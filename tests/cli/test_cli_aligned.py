@@ -110,3 +110,25 @@ def test_console_script_entry_point():
     exe = Path(sys.executable).parent / "osdface"
     r = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("osdface ")
+
+
+def test_plan_outputs_names_collisions_and_video_skip(tmp_path):
+    import argparse
+
+    from osdface.cli.restore import plan_outputs
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for p in (a / "x.png", b / "x.jpg", a / "clip.mp4"):
+        p.write_bytes(b"")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "clip.mp4").write_bytes(b"done")
+    args = argparse.Namespace(suffix="", ext="png", aligned=False, skip_existing=True)
+    jobs, problems, skipped = plan_outputs([a / "x.png", b / "x.jpg", a / "clip.mp4"], out, args)
+    assert jobs == [(a / "x.png", out / "x.png")]
+    assert skipped == 1  # the finished video is recognised by its .mp4 output
+    assert len(problems) == 1 and "x.jpg" in problems[0] and "already used" in problems[0]
+    jobs, problems, _ = plan_outputs([a / "x.png"], a, argparse.Namespace(suffix="", ext="png", aligned=True,
+                                                                           skip_existing=False))
+    assert not jobs and "overwrite the input" in problems[0]

@@ -38,7 +38,10 @@ def add_parser(sub) -> None:
 
 
 def _output_path(out_dir: Path, src: Path, args) -> Path:
-    return out_dir / f"{src.stem}{args.suffix}.{args.ext}"
+    from .restore_photos import VIDEO_EXTENSIONS
+
+    ext = "mp4" if src.suffix.lower() in VIDEO_EXTENSIONS and not args.aligned else args.ext
+    return out_dir / f"{src.stem}{args.suffix}.{ext}"
 
 
 def plan_outputs(files: list[Path], out_dir: Path, args) -> tuple[list[tuple[Path, Path]], list[str], int]:
