@@ -118,7 +118,14 @@ def test_registered_lpips_takes_model_space_images():
     wrapped = build_loss("lpips", net="alex", pretrained=False)
     torch.manual_seed(0)
     plain = LPIPSLoss(net="alex", pretrained=False)
+    with torch.no_grad():  # the registry makes random heads non-negative (a distance, as trained LPIPS)
+        for m in plain.net.lins.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.abs_()
     a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     got = wrapped(a * 2 - 1, b * 2 - 1)
     assert got.item() == pytest.approx(plain(a, b).item(), rel=1e-6)
     assert got.item() > 0 and wrapped(a * 2 - 1, a * 2 - 1).item() == pytest.approx(0.0, abs=1e-6)
+    for seed in range(3):  # random pairs: never negative
+        x, y = torch.rand(2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        assert wrapped(x, y).item() > 0

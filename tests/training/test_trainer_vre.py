@@ -43,6 +43,7 @@ def test_overfit_fixed_batch_losses_fall_and_everything_is_logged(tmp_path, fixe
     assert [r["step"] for r in train] == list(range(1, steps + 1))
     for r in train:
         assert all(math.isfinite(v) for v in r.values())
+        assert r["train/hq/rec_lpips"] >= 0 and r["train/lq/rec_lpips"] >= 0
 
     def mean(key, rows):
         return sum(r[key] for r in rows) / len(rows)

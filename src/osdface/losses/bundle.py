@@ -29,9 +29,18 @@ class FromModelRange(nn.Module):
 
 
 def _lpips(net: str = "vgg", pretrained: bool = True) -> nn.Module:
+    """LPIPS on model-space images. With ``pretrained=False`` (tiny runs, tests) the random linear
+    heads are made non-negative, as trained LPIPS heads are, so the loss stays a distance (≥ 0)
+    instead of an objective that is unbounded below."""
     from .perceptual import LPIPSLoss  # heavy backend, imported lazily
 
-    return FromModelRange(LPIPSLoss(net=net, pretrained=pretrained))
+    loss = LPIPSLoss(net=net, pretrained=pretrained)
+    if not pretrained:
+        with torch.no_grad():
+            for m in loss.net.lins.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.weight.abs_()
+    return FromModelRange(loss)
 
 
 #: loss name → factory (keyword options from the config go to the factory).
