@@ -98,8 +98,8 @@ def load_pipeline_from_args(args):
             f"      and the diffusers SD 2.1-base folder in {default_base_model_dir()}/ (scheduler/, unet/, vae/),\n"
             f"  (b) or pass --base-model SD_DIR --weights OSDFACE_DIR, or --model MODEL_DIR.\n"
             f"Set OSDFACE_HOME to use another folder than {home}.\n"
-            f"{OFFICIAL_WEIGHTS_HELP}\n(detail: {e})"
-        ) from None
+            f"{OFFICIAL_WEIGHTS_HELP}"
+        ) from e
 
 
 def report_error(message: str) -> None:
