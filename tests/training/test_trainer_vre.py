@@ -207,6 +207,16 @@ def test_three_phase_chain_initialises_the_association_phase(tmp_path, small_fac
             ref = load_file(str(src / sub / "diffusion_pytorch_model.safetensors"))
             assert all(torch.equal(got[f"{sub}.{k}"], v) for k, v in ref.items() if "running" not in k
                        and "num_batches" not in k), sub
+    # model.train_hq=false: the association updates only the LQ branch
+    frozen = load_vre_config(TINY, [*one, "phase=assoc", "model.train_hq=false", "loss.disc_start=0",
+                                    f"model.init_hq={tmp_path / 'hq'}", f"model.init_lq={tmp_path / 'lq'}"])
+    train_vre(frozen, [small_face_dir], tmp_path / "frozen", cpu=True)
+    got = _params(latest_checkpoint(tmp_path / "frozen"))
+    ref_hq = load_file(str(latest_checkpoint(tmp_path / "hq") / "vqgan_hq" / "diffusion_pytorch_model.safetensors"))
+    ref_lq = load_file(str(latest_checkpoint(tmp_path / "lq") / "vqgan_lq" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(got[f"vqgan_hq.{k}"], v) for k, v in ref_hq.items())
+    assert not all(torch.equal(got[f"vqgan_lq.{k}"], v) for k, v in ref_lq.items())
+    assert not any(k.startswith("disc_hq.") for k in got) and any(k.startswith("disc_lq.") for k in got)
     # an earlier phase with another architecture is refused, naming the difference
     bad = load_vre_config(TINY, [*one, "phase=assoc", "model.vqgan.n_embed=8", f"model.init_hq={tmp_path / 'hq'}"])
     with pytest.raises(ValueError, match="n_embed"):
