@@ -62,11 +62,12 @@ def main() -> None:
     t0 = time.perf_counter()
     step(0)
     warm = time.perf_counter() - t0
-    times = []
+    times, cpu_times = [], []
     for i in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(i + 1)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     gen = task.gen_module
     out = {
         "benchmark": "train_vre_step",
@@ -78,6 +79,8 @@ def main() -> None:
         "warmup_s": round(warm, 2),
         "step_s": [round(t, 3) for t in times],
         "step_s_mean": round(sum(times) / len(times), 3),
+        "step_cpu_s_mean": round(sum(cpu_times) / len(cpu_times), 3),  # process CPU time (all threads)
+        "load_avg_1min": round(__import__("os").getloadavg()[0], 2),
         "images_per_s": round(args.batch / (sum(times) / len(times)), 4),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
