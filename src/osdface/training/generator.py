@@ -591,9 +591,12 @@ class GeneratorTask(TrainingTask):
             names = {n for n, p in inner.named_parameters() if p.requires_grad}
             keys.append({k for k in inner.state_dict() if k in names})
 
+        inner_models = [acc.unwrap_model(m) for m in prepared]
+
         def index_of(model) -> int:
-            for i, m in enumerate(prepared):
-                if m is model:
+            inner = acc.unwrap_model(model)
+            for i, m in enumerate(inner_models):
+                if m is inner:
                     return i
             raise RuntimeError("unknown model in accelerate state")
 
