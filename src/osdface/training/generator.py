@@ -45,8 +45,8 @@ from ..constants import TIMESTEP
 from ..image import to_model_range
 from ..losses.bundle import LossBundle
 from ..losses.pixel import MSELoss
-from ..models.lora import DEFAULT_UNET_LORA_TARGETS
 from ..models.latent_discriminator import DEFAULT_DISC_LORA_TARGETS, LatentDiscriminator
+from ..models.lora import DEFAULT_UNET_LORA_TARGETS
 from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder, infer_vre_config
 from ..utils.io import atomic_path, write_text_atomic
 from ..utils.logging import get_logger
@@ -493,7 +493,7 @@ def build_generator(cfg: GeneratorExperiment, components: dict[str, Any]):
         p.requires_grad_(True)
         p.data = p.data.float()
     if disc is not None:
-        for name, p in disc.named_parameters():
+        for p in disc.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
     if m.gradient_checkpointing:
