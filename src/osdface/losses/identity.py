@@ -113,7 +113,7 @@ def build_identity_network(backend: str = "arcface", weights: str | os.PathLike 
     Raises:
         WeightsNotFoundError: the weight file is missing (the message names it and where it goes).
     """
-    from ..models.identity import ArcFaceResNet, IResNet, InceptionResnetV1
+    from ..models.identity import ArcFaceResNet, InceptionResnetV1, IResNet
 
     if backend not in IDENTITY_BACKENDS:
         raise ValueError(f"unknown identity network {backend!r}; choose from {', '.join(IDENTITY_BACKENDS)}")
