@@ -80,6 +80,17 @@ def select_prompt_tokens(
     return tokens, idx
 
 
+def vre_preprocess(x: torch.Tensor, resolution: int, input_normalization: InputNormalization) -> torch.Tensor:
+    """Model-space image → VQ-encoder input: bilinear resize to ``resolution`` (``align_corners=False``,
+    as the official wrapper), then the configured normalisation (``"official"``: a second
+    ``(x − 0.5) / 0.5``, spec §2.1)."""
+    if x.shape[-2:] != (resolution, resolution):
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
+    if input_normalization == "official":
+        x = (x - 0.5) / 0.5
+    return x
+
+
 def infer_vre_config(state_dict: dict[str, torch.Tensor]) -> dict:
     """Recover the VRE architecture from its (prefix-stripped) state dict.
 
@@ -169,13 +180,8 @@ class VisualPromptEncoder(ModelMixin, ConfigMixin):
         return self.quantize.embedding.weight
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """Model-space image → encoder input (resize to ``resolution``, then the configured normalisation)."""
-        r = self.config.resolution
-        if x.shape[-2:] != (r, r):
-            x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False)
-        if self.config.input_normalization == "official":
-            x = (x - 0.5) / 0.5  # the release's second normalisation (spec §2.1)
-        return x
+        """Model-space image → encoder input (see :func:`vre_preprocess`)."""
+        return vre_preprocess(x, self.config.resolution, self.config.input_normalization)
 
     def encode_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [-1, 1] → pre-quantisation features ``(B, embed_dim, r, r)``."""

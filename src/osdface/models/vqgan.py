@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .prompt_encoder import VisualPromptEncoder, code_distances
+from .prompt_encoder import VisualPromptEncoder, code_distances, vre_preprocess
 from .vq import MultiHeadAttnBlock, MultiHeadDecoder, MultiHeadEncoder
 
 #: keys shared with :class:`VisualPromptEncoder` (the VRE = LQ encoder + LQ dictionary).
@@ -148,13 +147,8 @@ class VQAutoencoder(ModelMixin, ConfigMixin):
         return self.decoder.conv_out.weight
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """Model-space image → encoder input; identical to :meth:`VisualPromptEncoder.preprocess`."""
-        r = self.config.resolution
-        if x.shape[-2:] != (r, r):
-            x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False)
-        if self.config.input_normalization == "official":
-            x = (x - 0.5) / 0.5  # the release's second normalisation (spec §2.1)
-        return x
+        """Model-space image → encoder input; the same function as :meth:`VisualPromptEncoder.preprocess`."""
+        return vre_preprocess(x, self.config.resolution, self.config.input_normalization)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, R, R)`` in [-1, 1] → pre-quantisation features ``(B, embed_dim, r, r)``."""
