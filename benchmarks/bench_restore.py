@@ -59,33 +59,31 @@ def stage_times(pipe, x_uint8: torch.Tensor) -> dict:
 
 def measure_peak(device: torch.device, dtype: torch.dtype) -> dict:
     """Measured throughput of a large 3×3 convolution and a large matmul on this device (TFLOP/s)."""
-    out = {}
+
+    def rate(fn, flops: float) -> float:
+        fn()
+        sync(device)
+        n, t0 = 0, time.perf_counter()
+        while n < 3 or time.perf_counter() - t0 < 2.0:
+            fn()
+            n += 1
+        sync(device)
+        return round(flops * n / (time.perf_counter() - t0) / 1e12, 4)
+
     with torch.inference_mode():
         conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(device, dtype)
         x = torch.randn(1, 256, 128, 128, device=device, dtype=dtype)
-        flops = 2 * 256 * 256 * 9 * 128 * 128
-        for name, fn, f in (("conv3x3", lambda: conv(x), flops),
-                            ("matmul", lambda: a @ b, 2 * 2048**3)):
-            if name == "matmul":
-                a = torch.randn(2048, 2048, device=device, dtype=dtype)
-                b = torch.randn(2048, 2048, device=device, dtype=dtype)
-            fn()
-            sync(device)
-            n, t0 = 0, time.perf_counter()
-            while n < 3 or time.perf_counter() - t0 < 2.0:
-                fn()
-                n += 1
-            sync(device)
-            out[f"{name}_tflops"] = round(f * n / (time.perf_counter() - t0) / 1e12, 4)
-    return out
+        a = torch.randn(2048, 2048, device=device, dtype=dtype)
+        b = torch.randn(2048, 2048, device=device, dtype=dtype)
+        return {"conv3x3_tflops": rate(lambda: conv(x), 2 * 256 * 256 * 9 * 128 * 128),
+                "matmul_tflops": rate(lambda: a @ b, 2 * 2048**3)}
 
 
 def official_baseline(pipe, n: int, ours_runs: dict) -> dict:
     """Time the official execution pattern on ``n`` images and compare outputs with ours."""
     import numpy as np
-    from PIL import Image
-
     from official_pattern import official_restore_one
+    from PIL import Image
 
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 256, (pipe.resolution, pipe.resolution, 3), dtype=np.uint8))

@@ -23,7 +23,6 @@ SUBCOMMANDS = {
     "degrade": "osdface.cli.degrade",
     "align": "osdface.cli.align",
     "export": "osdface.cli.export",
-    "export": "osdface.cli.export",
     "evaluate": "osdface.cli.evaluate",  # also registers `benchmark-table`
     "weights": "osdface.cli.weights",
 }
@@ -36,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"osdface {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in SUBCOMMANDS.items():
+    for module in SUBCOMMANDS.values():
         importlib.import_module(module).add_parser(sub)
     return parser
 
