@@ -45,7 +45,7 @@ def run(args) -> int:
     if args.weights_command == "list":
         d = metrics_weights_dir(args.dir)
         print(f"metric weights folder: {d}")
-        for key, wf, path in weights_status(args.dir):
+        for _key, wf, path in weights_status(args.dir):
             state = "present" if path else "MISSING"
             print(f"  {state:8s} {wf.filename:42s} for {', '.join(wf.used_by)}")
             if not path:

@@ -48,7 +48,7 @@ def contact_sheet(
     if out.suffix.lower() in (".html", ".htm"):
         names = list(report.metrics) if report else []
         parts = ["<!doctype html><meta charset='utf-8'><title>osdface comparison</title>",
-                 "<style>img{width:%dpx}td{vertical-align:top;font:12px sans-serif}</style><table>" % tile,
+                 f"<style>img{{width:{tile}px}}td{{vertical-align:top;font:12px sans-serif}}</style><table>",
                  "<tr><th>file</th><th>LQ</th><th>restored</th><th>GT</th><th>metrics</th></tr>"]
         for p in rows:
             cells = [f"<td>{html.escape(p.name)}</td>"]

@@ -107,11 +107,31 @@ def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """pytorch-fid's Fréchet distance between two Gaussians."""
-    from pytorch_fid.fid_score import calculate_frechet_distance
+def frechet_distance(mu1, sigma1, mu2, sigma2, method: str = "eigh") -> float:
+    """Fréchet distance ``|mu1 - mu2|² + tr(S1) + tr(S2) - 2 tr((S1 S2)^½)`` between two Gaussians.
 
-    return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+    ``method="sqrtm"`` is pytorch-fid's ``calculate_frechet_distance`` (SciPy ``sqrtm`` of the
+    2048×2048 product; ~10–50 s on a CPU). ``"eigh"`` (default) computes the same trace as the sum
+    of square roots of the eigenvalues of the symmetric PSD matrix ``S1^½ S2 S1^½`` (two symmetric
+    eigendecompositions, a few seconds); the two agree to ~1e-6 relative (tested).
+    """
+    if method == "sqrtm":
+        from pytorch_fid.fid_score import calculate_frechet_distance
+
+        return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+    if method != "eigh":
+        raise ValueError(f"unknown Fréchet method {method!r}; choose from ['eigh', 'sqrtm']")
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise ValueError(f"mean/covariance shapes differ: {mu1.shape} vs {mu2.shape}, {s1.shape} vs {s2.shape}")
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S1^½ (PSD)
+    m = root1 @ s2 @ root1
+    lam = np.linalg.eigvalsh((m + m.T) / 2)
+    tr_covmean = np.sqrt(np.clip(lam, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
 def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -149,5 +169,7 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     sigma = data.get("cov", data.get("sigma"))
     if mu is None or sigma is None:
         raise ValueError(f"{path}: expected keys 'mean'/'cov' or 'mu'/'sigma', got {sorted(data)}")
-    to_np = (lambda a: a.double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float64))
+    def to_np(a):
+        return a.double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float64)
+
     return to_np(mu), to_np(sigma)

@@ -142,8 +142,8 @@ def evaluate_folder(
         if isinstance(m, IdentityMetric):
             means[n] = m.aggregate(vals)
         else:
-            finite = [v for v in vals if np.isfinite(v)]
-            means[n] = float(np.mean(finite)) if finite else float("nan")
+            kept = [v for v in vals if not np.isnan(v)]  # inf (PSNR of identical images) is kept
+            means[n] = float(np.mean(kept)) if kept else float("nan")
         lower[n] = m.lower_better
 
     if "fid" in names:

@@ -203,7 +203,6 @@ class NIQEMetric(Metric):
 
     def compute(self, pred, gt=None):
         from ..image import to_uint8
-
         from .niqe import calculate_niqe
 
         return [calculate_niqe(a, self.params, self.crop_border) for a in to_uint8(pred)]
@@ -279,10 +278,14 @@ class IdentityMetric(Metric):
                 sd = load_torch_checkpoint(path)
                 sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
                 sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-                missing, unexpected = self.net.load_state_dict(sd, strict=False)
-                if missing or unexpected:
+                own = self.net.state_dict()
+                missing = sorted(set(own) - set(sd))
+                unexpected = sorted(set(sd) - set(own))
+                wrong = sorted(k for k in set(sd) & set(own) if tuple(sd[k].shape) != tuple(own[k].shape))
+                if missing or unexpected or wrong:
                     raise ValueError(f"{path}: not an ArcFace resnet_face18 checkpoint (missing {missing[:3]}, "
-                                     f"unexpected {unexpected[:3]})")
+                                     f"unexpected {unexpected[:3]}, wrong shapes {wrong[:3]})")
+                self.net.load_state_dict(sd)
         elif backend == "facenet":
             self.name = "ids_facenet"
             self.net = idm.InceptionResnetV1()

