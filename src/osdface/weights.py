@@ -28,7 +28,8 @@ OFFICIAL_VRE_FILE = "associate_2.ckpt"
 OFFICIAL_ADAPTER_FILE = "embedding_change_weights.pth"
 OFFICIAL_LORA_FILE = "pytorch_lora_weights.safetensors"
 OFFICIAL_FILES = (OFFICIAL_VRE_FILE, OFFICIAL_ADAPTER_FILE, OFFICIAL_LORA_FILE)
-BASE_MODEL_SUBFOLDERS = ("scheduler", "unet", "vae")
+#: subfolder → the config file diffusers reads there
+BASE_MODEL_SUBFOLDERS = {"scheduler": "scheduler_config.json", "unet": "config.json", "vae": "config.json"}
 
 OFFICIAL_WEIGHTS_HELP = (
     "The OSDFace release files are linked from the official repository's README "
@@ -71,11 +72,12 @@ class OfficialFiles:
 def check_base_model_dir(base_model: str | os.PathLike) -> Path:
     """Validate an SD 2.1-base diffusers folder (``scheduler/``, ``unet/``, ``vae/`` with configs)."""
     base = Path(base_model).expanduser()
-    missing = [f"{sub}/" for sub in BASE_MODEL_SUBFOLDERS if not (base / sub).is_dir()]
-    missing += [f"{sub}/config.json" if sub != "scheduler" else "scheduler/scheduler_config.json"
-                for sub in BASE_MODEL_SUBFOLDERS
-                if (base / sub).is_dir()
-                and not (base / sub / ("scheduler_config.json" if sub == "scheduler" else "config.json")).is_file()]
+    missing = []
+    for sub, config in BASE_MODEL_SUBFOLDERS.items():
+        if not (base / sub).is_dir():
+            missing.append(f"{sub}/")
+        elif not (base / sub / config).is_file():
+            missing.append(f"{sub}/{config}")
     if missing:
         raise WeightsNotFoundError(
             f"Stable Diffusion 2.1-base folder {base} is missing {', '.join(missing)}. "
