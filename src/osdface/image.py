@@ -216,9 +216,12 @@ def to_uint8(x, rounding: Rounding = "round") -> np.ndarray:
     torchvision's ``ToPILImage`` (``x * 255`` then cast), which the official OSDFace script uses;
     it biases every pixel down by half a level on average.
     """
+    import torch
+
     x = x.detach().float().clamp(0, 1) * 255.0
     x = x.round() if rounding == "round" else x.floor()
-    return x.to("cpu", dtype=__import__("torch").uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    # convert and reorder on the tensor's device, then move 1 byte per value to the host
+    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def to_pil(x, rounding: Rounding = "round") -> list[Image.Image]:

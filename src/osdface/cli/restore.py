@@ -116,6 +116,8 @@ def restore_aligned(pipe, jobs: list[tuple[Path, Path]], args: argparse.Namespac
         srcs = [s for s, _, _ in items]
         try:
             x = torch.cat([t for _, _, t in items])
+            if pipe.device.type == "cuda":
+                x = x.pin_memory()  # the pipeline then copies it to the GPU without blocking
             gen = None
             if args.latent == "sample":
                 gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
