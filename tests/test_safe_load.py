@@ -106,3 +106,14 @@ def test_no_network_imports_in_library():
     text = "\n".join(p.read_text() for p in src.rglob("*.py"))
     for bad in ("hf_hub_download", "snapshot_download", "urlretrieve", "load_state_dict_from_url", "torch.hub.load"):
         assert bad not in text, bad
+
+
+def test_official_files_are_each_read_once(official_layout, monkeypatch):
+    import osdface.weights as w
+    from osdface.pipelines import OSDFacePipeline
+
+    reads = []
+    real = w.load_torch_checkpoint
+    monkeypatch.setattr(w, "load_torch_checkpoint", lambda p: reads.append(Path(p).name) or real(p))
+    OSDFacePipeline.from_official(*official_layout)
+    assert sorted(reads) == ["associate_2.ckpt", "embedding_change_weights.pth"]

@@ -144,6 +144,28 @@ def load_official_vre_state_dict(path: str | os.PathLike, expected: dict[str, to
     return out
 
 
+def load_official_vre(path: str | os.PathLike, vre_config: dict | None = None):
+    """A :class:`~osdface.models.VisualPromptEncoder` from an ``associate_2.ckpt``-layout file.
+
+    The file is read once; the architecture comes from ``vre_config`` or, by default, from the
+    tensor shapes (``infer_vre_config``: the released architecture for the released file). Keys and
+    shapes are checked strictly, with errors naming the file.
+    """
+    from .models.prompt_encoder import VisualPromptEncoder, infer_vre_config
+
+    path = Path(path)
+    sd = load_official_vre_state_dict(path)
+    if vre_config is None:
+        try:
+            vre_config = infer_vre_config(sd)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    vre = VisualPromptEncoder(**vre_config)
+    _check_keys(path, sd, vre.state_dict())
+    vre.load_state_dict(sd, strict=True)
+    return vre
+
+
 def load_official_adapter_state_dict(path: str | os.PathLike, expected: dict[str, torch.Tensor] | None = None):
     """Read ``embedding_change_weights.pth`` (a plain 4-tensor state dict)."""
     path = Path(path)

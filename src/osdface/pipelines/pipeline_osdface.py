@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..constants import TIMESTEP
 from ..image import ImageError, from_model_range, to_model_range, to_pil, to_tensor, to_uint8
 from ..models.lora import merge_lora_into
-from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder, infer_vre_config
+from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder
 from ..utils.io import write_text_atomic
 from ..utils.logging import get_logger
 from ..weights import (
@@ -35,7 +35,7 @@ from ..weights import (
     find_official_files,
     load_lora_file,
     load_official_adapter_state_dict,
-    load_official_vre_state_dict,
+    load_official_vre,
 )
 from .output import OSDFacePipelineOutput
 
@@ -297,16 +297,7 @@ class OSDFacePipeline:
 
         base = check_base_model_dir(base_model)
         files = find_official_files(weights)
-        vre_sd = load_official_vre_state_dict(files.vre)
-        if vre_config is None:
-            try:
-                vre_config = infer_vre_config(vre_sd)
-            except ValueError as e:
-                raise ValueError(f"{files.vre}: {e}") from None
-        vre = VisualPromptEncoder(**vre_config)
-        expected = vre.state_dict()
-        load_official_vre_state_dict(files.vre, expected=expected)  # strict key/shape check, named errors
-        vre.load_state_dict(vre_sd, strict=True)
+        vre = load_official_vre(files.vre, vre_config)
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", local_files_only=True)
         adapter = PromptAdapter(vre.config.embed_dim, unet.config.cross_attention_dim)
         adapter.load_state_dict(load_official_adapter_state_dict(files.adapter, expected=adapter.state_dict()),

@@ -47,7 +47,7 @@ from ..losses.bundle import LossBundle
 from ..losses.pixel import MSELoss
 from ..models.latent_discriminator import DEFAULT_DISC_LORA_TARGETS, LatentDiscriminator
 from ..models.lora import DEFAULT_UNET_LORA_TARGETS
-from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder, infer_vre_config
+from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder
 from ..utils.io import atomic_path, write_text_atomic
 from ..utils.logging import get_logger
 from .checkpoint import resolve_checkpoint
@@ -233,7 +233,7 @@ def load_vre(path: str | os.PathLike) -> VisualPromptEncoder:
 
     The architecture of a checkpoint file is read from its tensor shapes (as ``from_official``).
     """
-    from ..weights import WeightsNotFoundError, load_official_vre_state_dict
+    from ..weights import WeightsNotFoundError, load_official_vre
 
     p = Path(path).expanduser()
     if p.is_dir():
@@ -252,14 +252,7 @@ def load_vre(path: str | os.PathLike) -> VisualPromptEncoder:
         raise WeightsNotFoundError(
             f"VRE {p} not found: pass --vre with a stage-1 export (RUN/export/vre or RUN/export/{OFFICIAL_VRE_NAME}) "
             f"or the official {OFFICIAL_VRE_NAME}")
-    sd = load_official_vre_state_dict(p)
-    try:
-        cfg = infer_vre_config(sd)
-    except ValueError as e:
-        raise ValueError(f"{p}: {e}") from None
-    vre = VisualPromptEncoder(**cfg)
-    vre.load_state_dict(load_official_vre_state_dict(p, expected=vre.state_dict()), strict=True)
-    return vre
+    return load_official_vre(p)
 
 
 def load_components(cfg: GeneratorModelConfig) -> dict[str, Any]:
