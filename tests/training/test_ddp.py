@@ -2,21 +2,16 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from _helpers import free_port
 
 from osdface.training.checkpoint import latest_checkpoint, read_trainer_state
 
 HERE = Path(__file__).resolve().parent
 TINY = HERE.parents[1] / "configs" / "vre-tiny.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_ddp_run_on_cpu(tmp_path, face_dir):
@@ -28,7 +23,7 @@ def test_two_process_ddp_run_on_cpu(tmp_path, face_dir):
     # processes form a MULTI_CPU group on gloo (accelerate's --cpu launcher would need mpirun)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()),
+           "--main_process_port", str(free_port()),
            str(HERE / "_ddp_worker.py"), str(TINY), str(face_dir), str(run), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import generator_trained_tensors
 from safetensors.torch import load_file
 
 from osdface.testing import tiny_components
@@ -279,14 +280,6 @@ def test_overfit_on_real_faces_lowers_the_reconstruction_loss(tmp_path, fixed_pa
     assert lora and all(k.startswith("unet.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in lora)
 
 
-def _trained(ckpt: Path) -> dict[str, torch.Tensor]:
-    out = {f"lora.{k}": v for k, v in load_file(str(ckpt / "unet_lora" / "pytorch_lora_weights.safetensors")).items()}
-    out.update({f"adapter.{k}": v for k, v in
-                load_file(str(ckpt / "prompt_adapter" / "diffusion_pytorch_model.safetensors")).items()})
-    out.update({f"disc.{k}": v for k, v in load_file(str(ckpt / "discriminator" / "trainable.safetensors")).items()})
-    return out
-
-
 def test_resume_after_step_k_equals_an_uninterrupted_run(tmp_path, face_dir):
     # 9 faces, batch 2 → 4 micro-batches per epoch; grad_accum 2 → 2 steps per epoch.
     # Stop after step 1 (mid-epoch), resume to step 3 (into epoch 1, with new on-the-fly degradations).
@@ -307,11 +300,11 @@ def test_resume_after_step_k_equals_an_uninterrupted_run(tmp_path, face_dir):
     assert a.name == b.name == "step-0000003"
     assert {p.name for p in a.iterdir()} >= {"unet_lora", "prompt_adapter", "vre", "discriminator",
                                              "accelerate_state", "trainer_state.json", "config.yaml"}
-    pa, pb = _trained(a), _trained(b)
+    pa, pb = generator_trained_tensors(a), generator_trained_tensors(b)
     assert pa.keys() == pb.keys() and any(k.startswith("disc.head") for k in pa)
     mismatched = [k for k in pa if not torch.equal(pa[k], pb[k])]
     assert not mismatched, mismatched[:5]
-    p1 = _trained(list_checkpoints(full)[0])  # the comparison is not vacuous: step 1 ≠ step 3
+    p1 = generator_trained_tensors(list_checkpoints(full)[0])  # the comparison is not vacuous: step 1 ≠ step 3
     for prefix in ("lora.", "adapter.", "disc.head"):
         assert any(not torch.equal(p1[k], pa[k]) for k in pa if k.startswith(prefix)), prefix
     la = {r["step"]: r for r in read_log(full) if "train/g_total" in r}

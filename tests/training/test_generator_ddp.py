@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from _helpers import free_port, generator_trained_tensors
 
 from osdface.testing import tiny_components
 from osdface.training.checkpoint import latest_checkpoint, read_trainer_state
@@ -24,26 +23,12 @@ OVERRIDES = ["train.max_steps=2", "train.ckpt_every=2", "train.log_every=1", "tr
              "data.val_images=0", "loss.ea_dists=0", "loss.identity=0"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _trained(ckpt: Path) -> dict[str, torch.Tensor]:
-    out = {f"lora.{k}": v for k, v in load_file(str(ckpt / "unet_lora" / "pytorch_lora_weights.safetensors")).items()}
-    out.update({f"adapter.{k}": v for k, v in
-                load_file(str(ckpt / "prompt_adapter" / "diffusion_pytorch_model.safetensors")).items()})
-    out.update({f"disc.{k}": v for k, v in load_file(str(ckpt / "discriminator" / "trainable.safetensors")).items()})
-    return out
-
-
 def test_two_process_ddp_equals_one_process_with_twice_the_batch(tmp_path, face_dir):
     run = tmp_path / "ddp"
     # accelerate's torchrun launcher; the worker asks for the CPU → a MULTI_CPU group on gloo
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()),
+           "--main_process_port", str(free_port()),
            str(HERE / "_generator_ddp_worker.py"), str(TINY), str(face_dir), str(run), *OVERRIDES,
            "train.batch_size=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -64,7 +49,7 @@ def test_two_process_ddp_equals_one_process_with_twice_the_batch(tmp_path, face_
     torch.set_num_threads(1)
     train_generator(load_generator_config(TINY, [*OVERRIDES, "train.batch_size=2"]), [face_dir], single, cpu=True,
                     components={k: c[k] for k in ("vae", "unet", "scheduler", "vre")})
-    a, b = _trained(ck), _trained(latest_checkpoint(single))
+    a, b = generator_trained_tensors(ck), generator_trained_tensors(latest_checkpoint(single))
     assert a.keys() == b.keys()
 
     def norm(keys, x):
