@@ -60,3 +60,16 @@ def _load_rgb(path):
 def load_rgb():
     """``load_rgb(path)`` → ``(1, 3, H, W)`` float tensor in [0, 1]."""
     return _load_rgb
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module: tiny networks are latency-bound, and on a 2-core machine
+    shared with other jobs 2-thread OpenMP waits at every op's barrier (10x slower). Results do not
+    depend on it."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

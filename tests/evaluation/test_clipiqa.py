@@ -53,13 +53,7 @@ def _images() -> dict[str, torch.Tensor]:
     return {"a_64x64": a, "b_48x80": b, "c_33x40": c}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny networks gain nothing from intra-op threads, and on a busy machine they cost a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -63,14 +63,7 @@ def _read_png(name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).permute(2, 0, 1)[None].float() / 255.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a 2-core machine shared with other jobs, 2-thread OpenMP waits at every
-    op's barrier and a FAN forward gets ~10x slower. Results do not depend on it (checked to 1e-9)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -57,13 +57,7 @@ def tiny_weights() -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k).float() * torch.tensor(scales[k], dtype=torch.float32) for k in f.keys()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny networks are latency-bound: one intra-op thread is faster and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

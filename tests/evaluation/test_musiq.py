@@ -37,13 +37,7 @@ DATA = Path(__file__).parent / "data"
 RTOL, ATOL = 1e-4, 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny networks are faster on one thread (and immune to OpenMP spinning on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

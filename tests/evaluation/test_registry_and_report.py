@@ -20,7 +20,7 @@ def test_registry_names_and_directions():
         create_metric("lpipz")
 
 
-@pytest.mark.parametrize("name,filename", [("musiq", "musiq_koniq.pth"), ("maniqa", "maniqa_pipal.pth"),
+@pytest.mark.parametrize("name,filename", [("musiq", "musiq_koniq.pth"), ("maniqa", "maniqa_koniq.pth"),
                                            ("clipiqa", "RN50.pt"), ("lmd", "alignment_WFLW_4HG.pth"),
                                            ("niqe", "niqe_pris_params.npz"), ("lpips", "lpips_alex.safetensors"),
                                            ("fid", "fid_inception_v3.safetensors")])
@@ -30,10 +30,14 @@ def test_missing_weights_name_the_file(tmp_path, name, filename):
     assert filename in str(e.value) and str(tmp_path) in str(e.value)
 
 
-def test_unported_networks_say_so_even_with_the_file(tmp_path):
-    (tmp_path / "musiq_koniq.pth").write_bytes(b"x")
-    with pytest.raises(NotImplementedError, match="not ported"):
-        create_metric("musiq", weights_dir=tmp_path)
+@pytest.mark.parametrize("name,filename", [("musiq", "musiq_koniq.pth"), ("maniqa", "maniqa_koniq.pth"),
+                                           ("clipiqa", "RN50.pt"), ("lmd", "alignment_WFLW_4HG.pth")])
+def test_ported_networks_refuse_a_broken_file_by_name(tmp_path, name, filename):
+    # the user-file metrics are real networks now: a file that is not their checkpoint is refused by name
+    (tmp_path / filename).write_bytes(b"not a checkpoint")
+    with pytest.raises((ValueError, RuntimeError)) as e:
+        create_metric(name, weights_dir=tmp_path)
+    assert str(tmp_path / filename) in str(e.value)
 
 
 def test_random_init_deep_metrics_run():

@@ -41,20 +41,59 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: Path, ignore: tuple[str, ...] = ()) -> None:
+#: container keys released checkpoints wrap their tensors in (BasicSR, Lightning, pyiqa, IIGROUP, ...)
+CONTAINER_KEYS = ("state_dict", "params_ema", "params", "model", "net")
+
+
+def unwrap_state_dict(obj, source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensor dict of a released checkpoint: unwraps (nested) :data:`CONTAINER_KEYS` containers and
+    strips DataParallel ``module.`` prefixes.
+
+    Raises:
+        ValueError: naming ``source`` when no dict of tensors is found.
+    """
+    while isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
+        inner = next((obj[k] for k in CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict) or not obj or not any(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{source}: no state dict of tensors found in the file")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def load_checked(model: nn.Module, sd: dict[str, torch.Tensor], source: str | os.PathLike, what: str,
+                 may_be_missing=lambda key: False, hint: str = "") -> nn.Module:
+    """Load ``sd`` into ``model`` after a strict key/shape check.
+
+    Args:
+        what: what the file should be (for the message), e.g. ``"a MUSIQ (KonIQ) checkpoint"``.
+        may_be_missing: keys that may be absent (the model keeps its own values), e.g. BatchNorm
+            ``num_batches_tracked`` of old files or layers a metric does not use.
+        hint: appended to the error message.
+
+    Raises:
+        ValueError: naming ``source`` and the first missing / unexpected / wrongly shaped entries.
+    """
     own = model.state_dict()
-    missing = sorted(k for k in own if k not in sd and not k.startswith(ignore))
+    missing = sorted(k for k in own if k not in sd and not may_be_missing(k))
     unexpected = sorted(k for k in sd if k not in own)
-    wrong = sorted(k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape))
+    wrong = sorted(f"{k} {tuple(getattr(sd[k], 'shape', ()))} != {tuple(own[k].shape)}" for k in sd
+                   if k in own and (not torch.is_tensor(sd[k]) or tuple(sd[k].shape) != tuple(own[k].shape)))
     if missing or unexpected or wrong:
-        raise ValueError(
-            f"{source}: weights do not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"shape mismatch {wrong[:5]}; re-run `osdface weights install --force`"
-        )
+        raise ValueError(f"{source}: not {what}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"shape mismatch {wrong[:5]}{hint}")
     model.load_state_dict({**{k: v for k, v in own.items() if k not in sd}, **sd}, strict=True)
+    return model
 
 
-def _freeze(model: nn.Module) -> nn.Module:
+def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: Path, ignore: tuple[str, ...] = ()) -> None:
+    load_checked(model, sd, source, "weights of this network", lambda k: k.startswith(ignore),
+                 "; re-run `osdface weights install --force`")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no gradients; returns ``model``."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -86,7 +125,7 @@ def build_lpips(net: str = "alex", weights_dir: str | os.PathLike | None = None,
 
         path = require_weight_file(f"lpips_{net}", weights_dir)
         _load_strict(model, _load_safetensors(path), path)
-    return _freeze(model)
+    return freeze(model)
 
 
 def _dists_class():
@@ -141,7 +180,7 @@ def build_dists(weights_dir: str | os.PathLike | None = None, pretrained: bool =
 
         path = require_weight_file("dists", weights_dir)
         _load_strict(model, _load_safetensors(path), path)
-    return _freeze(model)
+    return freeze(model)
 
 
 def build_fid_inception(weights_dir: str | os.PathLike | None = None, pretrained: bool = True):
@@ -190,4 +229,4 @@ def build_fid_inception(weights_dir: str | os.PathLike | None = None, pretrained
     model.inception_modules = {
         name: m for name, m in holder["inception"].named_children() if name != "fc"
     }
-    return _freeze(model)
+    return freeze(model)

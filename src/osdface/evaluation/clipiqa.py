@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils.logging import get_logger
+from .backbones import unwrap_state_dict
 from .metrics import Metric
 
 logger = get_logger(__name__)
@@ -201,18 +202,6 @@ def read_torchscript_state_dict(path: str | os.PathLike) -> dict[str, torch.Tens
     return out
 
 
-def _unwrap_state_dict(obj: Any, source: Path) -> dict[str, torch.Tensor]:
-    for _ in range(3):  # {"state_dict": ...}, {"model": ...}, {"params": ...} (possibly nested)
-        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-            for key in ("state_dict", "model", "params"):
-                if isinstance(obj.get(key), dict):
-                    obj = obj[key]
-                    break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{source}: no state dict of tensors found in the file")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
-
-
 def load_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a CLIP weight file, with OpenAI's state-dict names (``visual.*``, ``transformer.*``, ...).
 
@@ -239,7 +228,7 @@ def load_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             from ..safe_load import load_torch_checkpoint
 
-            sd = _unwrap_state_dict(load_torch_checkpoint(path), path)
+            sd = unwrap_state_dict(load_torch_checkpoint(path), path)
     return {k: v for k, v in sd.items() if k not in OPENAI_METADATA_KEYS}
 
 

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils.logging import get_logger
+from .backbones import freeze, load_checked, unwrap_state_dict
 from .metrics import Metric
 from .weights import require_weight_file
 
@@ -234,31 +235,8 @@ def load_fan_checkpoint(model: FAN, path: str | os.PathLike) -> None:
     from ..safe_load import load_torch_checkpoint
 
     path = Path(path)
-    ckpt = load_torch_checkpoint(path)
-    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: not a FAN checkpoint (expected a state dict of tensors, "
-                         "or one under 'state_dict')")
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    own = model.state_dict()
-    missing = sorted(k for k in own if k not in sd and not k.endswith("num_batches_tracked"))
-    unexpected = sorted(k for k in sd if k not in own)
-    wrong = sorted(f"{k} {tuple(sd[k].shape)}≠{tuple(own[k].shape)}" for k in sd
-                   if k in own and tuple(sd[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{path}: not the AdaptiveWingLoss FAN-4HG WFLW checkpoint: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}"
-        )
-    model.load_state_dict({**own, **sd}, strict=True)
-
-
-def _freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    load_checked(model, unwrap_state_dict(load_torch_checkpoint(path), path), path,
+                 "the AdaptiveWingLoss FAN-4HG WFLW checkpoint", lambda k: k.endswith("num_batches_tracked"))
 
 
 def build_fan(weights_dir: str | os.PathLike | None = None, pretrained: bool = True, num_modules: int = 4,
@@ -281,7 +259,7 @@ def build_fan(weights_dir: str | os.PathLike | None = None, pretrained: bool = T
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = FAN(num_modules=num_modules)
-    return _freeze(model)
+    return freeze(model)
 
 
 # ----------------------------------------------------------------------------------------------

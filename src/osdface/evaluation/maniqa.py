@@ -51,9 +51,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp  # fc1 → exact GELU → fc2 (the released key names)
 from torch import nn
 
 from ..utils.logging import get_logger
+from .backbones import load_checked, unwrap_state_dict
 from .metrics import Metric
 
 logger = get_logger(__name__)
@@ -219,18 +221,6 @@ class WindowAttention(nn.Module):
         return self.proj((attn @ v).transpose(1, 2).reshape(bw, n, c))
 
 
-class Mlp(nn.Module):
-    """``fc1`` → exact GELU → ``fc2``."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class SwinBlock(nn.Module):
     """Pre-norm (shifted-)window attention + MLP block on ``(B, H*W, C)`` tokens of a fixed ``H × W`` grid.
 
@@ -392,17 +382,6 @@ class MANIQANet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
-    """The tensor dict of a released file: unwraps ``params``/``state_dict``/``model`` and ``module.`` prefixes."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a state dict, got {type(obj).__name__}")
-    for key in ("params", "state_dict", "model"):
-        if key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
-
-
 def load_maniqa_weights(net: MANIQANet, path: str | os.PathLike) -> MANIQANet:
     """Load a released MANIQA checkpoint into ``net`` after a strict key/shape check.
 
@@ -412,19 +391,8 @@ def load_maniqa_weights(net: MANIQANet, path: str | os.PathLike) -> MANIQANet:
     from ..safe_load import load_torch_checkpoint
 
     path = Path(path)
-    try:
-        sd = unwrap_state_dict(load_torch_checkpoint(path))
-    except ValueError as e:
-        raise ValueError(f"{path}: not a MANIQA checkpoint ({e})") from None
-    own = net.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in own
-             if k in sd and (not torch.is_tensor(sd[k]) or tuple(sd[k].shape) != tuple(own[k].shape))]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path}: not a MANIQA checkpoint of this architecture: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}")
-    net.load_state_dict(sd, strict=True)
+    load_checked(net, unwrap_state_dict(load_torch_checkpoint(path), path), path,
+                 "a MANIQA checkpoint of this architecture")
     logger.info("MANIQA weights loaded from %s", path)
     return net
 

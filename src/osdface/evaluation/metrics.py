@@ -18,8 +18,12 @@ Conventions:
 * ``ids``: the paper's "Deg.": ArcFace ResNet-18 angle in degrees (VQFR protocol). Needs
   ``arcface_resnet18.pth``. ``ids_facenet``: the same angle with the offline FaceNet network —
   a different metric, reported under its own name.
-* ``lmd``, ``musiq``, ``maniqa``, ``clipiqa``: their weights do not exist offline and their
-  networks are not ported yet; creating them explains which file is needed and what is missing.
+* ``musiq``: MUSIQ-KonIQ (:mod:`.musiq`), pyiqa 0.1.12 ``musiq``; ``maniqa``: MANIQA-KonIQ
+  (:mod:`.maniqa`, 20 fixed grid crops as pyiqa in eval mode); ``clipiqa``: CLIP-IQA with CLIP RN50
+  and pyiqa's five antonym prompt pairs (:mod:`.clipiqa`); ``lmd``: mean distance in pixels between
+  the 98 WFLW landmarks of pred and gt, AdaptiveWingLoss FAN-4HG, VQFR's protocol
+  (:mod:`.landmarks`). Their weights are user files (none exist offline); a missing file is a
+  :class:`~osdface.weights.WeightsNotFoundError` naming it and where to put it.
 """
 
 from __future__ import annotations
@@ -333,40 +337,33 @@ class IdentityMetric(Metric):
 
 
 # ----------------------------------------------------------------------------------------------
-# Metrics whose weights do not exist offline and whose networks are not ported yet
+# Networks ported in their own modules (imported when the metric is built: open_clip and timm
+# are slow to import and only these metrics need them)
 # ----------------------------------------------------------------------------------------------
 
 
-class UnavailableMetric(Metric):
-    """Placeholder that fails at creation with an explanation (never returns numbers)."""
+def _musiq(**kw) -> Metric:
+    from .musiq import MUSIQMetric
 
-    weight_key = ""
-    reason = ""
-
-    def __init__(self, device="cpu", weights_dir=None, **_):
-        super().__init__(device)
-        require_weight_file(self.weight_key, weights_dir)  # missing file: names it and where to put it
-        raise NotImplementedError(f"{self.name}: {self.reason}")
+    return MUSIQMetric(**kw)
 
 
-class MUSIQMetric(UnavailableMetric):
-    name, full_reference, lower_better, weight_key = "musiq", False, False, "musiq"
-    reason = "the MUSIQ network (multi-scale ViT with hashed spatial embeddings) is not ported to osdface yet"
+def _maniqa(**kw) -> Metric:
+    from .maniqa import MANIQAMetric
+
+    return MANIQAMetric(**kw)
 
 
-class MANIQAMetric(UnavailableMetric):
-    name, full_reference, lower_better, weight_key = "maniqa", False, False, "maniqa"
-    reason = "the MANIQA network (ViT-B/8 + transposed attention + Swin blocks) is not ported to osdface yet"
+def _clipiqa(**kw) -> Metric:
+    from .clipiqa import CLIPIQAMetric
+
+    return CLIPIQAMetric(**kw)
 
 
-class CLIPIQAMetric(UnavailableMetric):
-    name, full_reference, lower_better, weight_key = "clipiqa", False, False, "clip_rn50"
-    reason = "CLIP-IQA (CLIP RN50 image + text towers and the antonym prompts) is not ported to osdface yet"
+def _lmd(**kw) -> Metric:
+    from .landmarks import LMDMetric
 
-
-class LMDMetric(UnavailableMetric):
-    name, full_reference, lower_better, weight_key = "lmd", True, True, "fan_wflw"
-    reason = "the FAN 4-hourglass WFLW landmark network is not ported to osdface yet"
+    return LMDMetric(**kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,14 +393,14 @@ METRICS: dict[str, MetricInfo] = {
     "niqe": MetricInfo(lambda **kw: NIQEMetric(**kw), False, True, "NIQE (pyiqa conventions)"),
     "fid": MetricInfo(lambda **kw: FIDMetric(**kw), True, True, "FID (pytorch-fid Inception) vs GT set or stats",
                       set_level=True),
-    "musiq": MetricInfo(lambda **kw: MUSIQMetric(**kw), False, False, "MUSIQ-KonIQ (not available)"),
-    "maniqa": MetricInfo(lambda **kw: MANIQAMetric(**kw), False, False, "MANIQA-PIPAL (not available)"),
-    "clipiqa": MetricInfo(lambda **kw: CLIPIQAMetric(**kw), False, False, "CLIP-IQA (not available)"),
+    "musiq": MetricInfo(_musiq, False, False, "MUSIQ-KonIQ (pyiqa 0.1.12 musiq), about 0-100"),
+    "maniqa": MetricInfo(_maniqa, False, False, "MANIQA-KonIQ (pyiqa 0.1.12 maniqa: 20 grid crops)"),
+    "clipiqa": MetricInfo(_clipiqa, False, False, "CLIP-IQA (pyiqa 0.1.12 clipiqa: RN50, 5 antonym prompt pairs)"),
     "ids": MetricInfo(lambda **kw: IdentityMetric(backend="arcface", **kw), True, True,
                       "Deg.: ArcFace ResNet-18 identity angle (degrees)"),
     "ids_facenet": MetricInfo(lambda **kw: IdentityMetric(backend="facenet", **kw), True, True,
                               "identity angle (degrees) with offline FaceNet; NOT the paper's Deg."),
-    "lmd": MetricInfo(lambda **kw: LMDMetric(**kw), True, True, "landmark distance, FAN WFLW (not available)"),
+    "lmd": MetricInfo(_lmd, True, True, "LMD: FAN-4HG WFLW 98-landmark distance in pixels (VQFR protocol)"),
 }
 
 

@@ -42,9 +42,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp  # fc1 → exact GELU → fc2 (the released key names)
 from torch import nn
 
 from ..utils.logging import get_logger
+from .backbones import load_checked, unwrap_state_dict
 from .metrics import Metric
 
 logger = get_logger(__name__)
@@ -255,18 +257,6 @@ class MultiHeadAttention(nn.Module):
         return self.out(out)
 
 
-class Mlp(nn.Module):
-    """``fc1`` → exact GELU → ``fc2``."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class TransformerBlock(nn.Module):
     """Pre-norm transformer block (LayerNorm eps 1e-6)."""
 
@@ -407,22 +397,6 @@ class MUSIQ(nn.Module):
 # Checkpoint loading
 # ----------------------------------------------------------------------------------------------
 
-_CONTAINER_KEYS = ("state_dict", "params_ema", "params", "model", "net")
-
-
-def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
-    """Tensor dict of a released checkpoint: unwraps ``state_dict``/``params_ema``/``params``/``model``/
-    ``net`` containers (repeatedly) and strips ``module.`` prefixes."""
-    while isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
-        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a state dict, got {type(obj).__name__}")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
-
-
 def load_musiq_weights(model: MUSIQ, path: str | os.PathLike) -> MUSIQ:
     """Load a MUSIQ checkpoint (``.pth`` without code execution, or ``.safetensors``) with a strict check.
 
@@ -439,20 +413,7 @@ def load_musiq_weights(model: MUSIQ, path: str | os.PathLike) -> MUSIQ:
         from ..safe_load import load_torch_checkpoint
 
         raw = load_torch_checkpoint(path)
-    try:
-        sd = unwrap_state_dict(raw)
-    except ValueError as e:
-        raise ValueError(f"{path}: not a MUSIQ checkpoint ({e})") from None
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(f"{k} {tuple(getattr(sd[k], 'shape', ()))} != {tuple(own[k].shape)}" for k in set(sd) & set(own)
-                   if not torch.is_tensor(sd[k]) or tuple(sd[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path}: not a MUSIQ (KonIQ) checkpoint of the expected layout: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}")
-    model.load_state_dict(sd, strict=True)
-    return model
+    return load_checked(model, unwrap_state_dict(raw, path), path, "a MUSIQ (KonIQ) checkpoint of the expected layout")
 
 
 def build_musiq(weights_dir: str | os.PathLike | None = None, pretrained: bool = True, seed: int = 0,

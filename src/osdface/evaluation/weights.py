@@ -109,11 +109,20 @@ WEIGHT_FILES: dict[str, WeightFile] = {
         "pyiqa's 'musiq_koniq_ckpt-e95806b9.pth' (IQA-PyTorch release assets / HF chaofengc/IQA-PyTorch-Weights)",
         False, ("musiq_koniq_ckpt-e95806b9.pth",)),
     "maniqa": WeightFile(
-        "maniqa_pipal.pth", ("maniqa",),
-        "pyiqa's 'ckpt_maniqa_pipal.pth' (HF chaofengc/IQA-PyTorch-Weights)", False, ("ckpt_maniqa_pipal.pth",)),
+        "maniqa_koniq.pth", ("maniqa",),
+        "IIGROUP/MANIQA release 'ckpt_koniq10k.pt' (pyiqa 0.1.12's default maniqa)", False, ("ckpt_koniq10k.pt",)),
+    "maniqa_pipal": WeightFile(
+        "maniqa_pipal.pth", ("maniqa (train_dataset='pipal')",),
+        "pyiqa's 'MANIQA_PIPAL-ae6d356b.pth' (pyiqa maniqa-pipal)", False,
+        ("MANIQA_PIPAL-ae6d356b.pth", "ckpt_maniqa_pipal.pth")),
+    "maniqa_kadid": WeightFile(
+        "maniqa_kadid.pth", ("maniqa (train_dataset='kadid')",),
+        "IIGROUP/MANIQA release 'ckpt_kadid10k.pt'", False, ("ckpt_kadid10k.pt",)),
     "clip_rn50": WeightFile(
         "RN50.pt", ("clipiqa",),
-        "OpenAI CLIP 'RN50.pt' (the file `clip.load('RN50')` caches; openaipublic.azureedge.net)", False),
+        "OpenAI CLIP 'RN50.pt' (the file `clip.load('RN50')` caches; openaipublic.azureedge.net; read without "
+        "running its TorchScript), or a state dict with OpenAI/open_clip names (.pth/.safetensors)", False,
+        ("RN50.pth", "RN50.safetensors")),
     "fan_wflw": WeightFile(
         "alignment_WFLW_4HG.pth", ("lmd",),
         "AdaptiveWingLoss FAN 'WFLW_4HG.pth' (VQFR's metric_paper weights / AdaptiveWingLoss release)",
