@@ -33,7 +33,7 @@ class RSSSampler:
         self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
 
     def __enter__(self):
-        self.peak = rss_gb()
+        self.start = self.peak = rss_gb()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
         return self

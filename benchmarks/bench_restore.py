@@ -57,6 +57,27 @@ def stage_times(pipe, x_uint8: torch.Tensor) -> dict:
     return t
 
 
+def compare_lean(pipe) -> dict:
+    """Decode one random latent plainly and with the memory-lean decode: max |difference|, peak RSS of each."""
+    g = torch.Generator().manual_seed(0)
+    lat = pipe.resolution // 8
+    x0 = (torch.randn(1, 4, lat, lat, generator=g) / pipe.vae.config.scaling_factor).to(pipe.device)
+    out, peaks = {}, {}
+    keep = pipe.lean_decode
+    with torch.inference_mode():
+        for lean in (False, True, False, True):  # twice each: the first decode also pages weights in
+            pipe.set_lean_decode(lean, pipe.lean_band_mb)
+            collect()
+            with RSSSampler() as r:
+                out[lean] = pipe.decode(x0).float().cpu()
+                sync(pipe.device)
+            peaks[lean] = round(r.peak - r.start, 3)
+    pipe.set_lean_decode(keep, pipe.lean_band_mb)
+    diff = (out[True] - out[False]).abs().max().item()
+    return {"max_abs_diff": diff, "identical": diff == 0.0,
+            "decode_rss_increase_gb": {"plain": peaks[False], "lean": peaks[True]}}
+
+
 def measure_peak(device: torch.device, dtype: torch.dtype) -> dict:
     """Measured throughput of a large 3×3 convolution and a large matmul on this device (TFLOP/s)."""
 
@@ -121,7 +142,17 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny 64-px random model (smoke test of this script)")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--lean-decode", choices=("auto", "on", "off"), default="auto",
+                    help="memory-lean VAE decode (auto = the pipeline default: on for CPU)")
+    ap.add_argument("--keep-heap", action="store_true",
+                    help="do not fix glibc's mmap threshold (the CLI fixes it on CPU)")
+    ap.add_argument("--compare-lean", action="store_true",
+                    help="decode one batch with and without the lean decode: max difference and peak RSS")
     args = ap.parse_args()
+    if not args.keep_heap and (args.device == "cpu" or args.device.startswith("cpu")):
+        from osdface.utils.memory import return_freed_memory_to_os
+
+        return_freed_memory_to_os()
 
     from osdface.pipelines import OSDFacePipeline
 
@@ -142,6 +173,7 @@ def main() -> None:
         pipe.enable_channels_last()
     if args.compile:
         pipe.compile()
+    pipe.set_lean_decode({"auto": None, "on": True, "off": False}[args.lean_decode])
     result = {
         "benchmark": "restore",
         "machine": machine(),
@@ -153,7 +185,8 @@ def main() -> None:
         "load_peak_rss_gb": round(load_rss.peak, 3),
         "load_rss_increase_gb": round(load_rss.peak - rss0, 3),
         "params_millions": {n: round(sum(p.numel() for p in m.parameters()) / 1e6, 2) for n, m in pipe.modules().items()},
-        "options": {"channels_last": args.channels_last, "compile": args.compile},
+        "options": {"channels_last": args.channels_last, "compile": args.compile, "lean_decode": args.lean_decode,
+                    "glibc_fixed_mmap_threshold": not args.keep_heap and pipe.device.type == "cpu"},
         "runs": [],
     }
     for bs in args.batch_sizes:
@@ -185,6 +218,8 @@ def main() -> None:
         for r in result["runs"]:
             r["achieved_tflops"] = round(flops / r["seconds_per_face"] / 1e12, 4)
             r["fraction_of_conv_peak"] = round(r["achieved_tflops"] / result["device_peak"]["conv3x3_tflops"], 3)
+    if args.compare_lean:
+        result["lean_decode_check"] = compare_lean(pipe)
     if args.official_baseline:
         base = official_baseline(pipe, args.official_baseline, result["runs"])
         best = min(r["seconds_per_face"] for r in result["runs"])

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..constants import TIMESTEP
 from ..image import ImageError, from_model_range, to_model_range, to_pil, to_tensor, to_uint8
+from ..models.lean_decode import DEFAULT_BAND_MB, lean_vae_decode
 from ..models.lora import merge_lora_into
 from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder
 from ..utils.io import write_text_atomic
@@ -101,6 +102,8 @@ class OSDFacePipeline:
         self.timestep = int(timestep)
         self.resolution = int(resolution if resolution is not None else vre.config.resolution)
         self.vae_batch_size: int | None = None
+        self.lean_decode: bool | None = None  # None = auto: on for CPU tensors
+        self.lean_band_mb = DEFAULT_BAND_MB
         self._channels_last = False
         for m in self.modules().values():
             m.eval()
@@ -166,6 +169,20 @@ class OSDFacePipeline:
         self.vae_batch_size = n
         return self
 
+    def set_lean_decode(self, enabled: bool | None = None, band_mb: float = DEFAULT_BAND_MB) -> OSDFacePipeline:
+        """Decode with :func:`osdface.models.lean_decode.lean_vae_decode`: same operations, lower
+        peak memory (banded high-resolution convolutions, in-place activations).
+
+        Args:
+            enabled: ``True``/``False``, or ``None`` (default) = on when decoding on the CPU, where
+                resident memory is the limit; off on accelerators.
+            band_mb: working-set budget of one convolution band in MiB.
+        """
+        if band_mb <= 0:
+            raise ValueError("band_mb must be > 0")
+        self.lean_decode, self.lean_band_mb = enabled, float(band_mb)
+        return self
+
     @property
     def alpha_cumprod(self) -> torch.Tensor:
         """ᾱ_t at the pipeline timestep, float64 (from the float32 cumprod, as the official code)."""
@@ -225,7 +242,10 @@ class OSDFacePipeline:
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Latent → image in [0, 1] (step 7)."""
         z = x0.to(self.dtype) / self.vae.config.scaling_factor
-        img = torch.cat([self.vae.decode(c).sample for c in self._vae_chunks(z)]).clamp(-1, 1)
+        lean = self.lean_decode if self.lean_decode is not None else z.device.type == "cpu"
+        parts = [lean_vae_decode(self.vae, c, self.lean_band_mb) if lean else self.vae.decode(c).sample
+                 for c in self._vae_chunks(z)]
+        img = (parts[0] if len(parts) == 1 else torch.cat(parts)).clamp(-1, 1)
         return from_model_range(img).clamp(0.0, 1.0)
 
     def restore_tensor(self, lq: torch.Tensor, latent: LatentMode = "mode",
