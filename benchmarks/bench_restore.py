@@ -41,16 +41,24 @@ def stage_times(pipe, x_uint8: torch.Tensor) -> dict:
     with torch.inference_mode():
         with timed(t, "preprocess", dev):
             lq = pipe.preprocess(x_uint8.to(dev, non_blocking=True).float().div(255))
-        with timed(t, "vre_and_adapter", dev):
-            prompt = pipe.encode_prompt(lq)
-        with timed(t, "vae_encode", dev):
-            z = pipe.encode_latent(lq)
+        if pipe.overlap_encoders and dev.type == "cuda":
+            with timed(t, "vre_and_vae_encode_overlapped", dev):
+                prompt, _, z = pipe._encode(lq, "mode", None)
+                pipe._between_stages(z)
+        else:
+            with timed(t, "vre_and_adapter", dev):
+                prompt = pipe.encode_prompt(lq)
+            with timed(t, "vae_encode", dev):
+                z = pipe.encode_latent(lq)
+                pipe._between_stages(z)  # as restore_tensor does (heap trimming on CPU)
         with timed(t, "unet", dev):
             eps = pipe.unet(z, pipe.timestep, encoder_hidden_states=prompt.to(z.dtype)).sample
+            pipe._between_stages(eps)
         with timed(t, "x0", dev):
             x0 = pipe.predict_x0(z, eps)
         with timed(t, "vae_decode", dev):
             out = pipe.decode(x0)
+            pipe._between_stages(out)
         with timed(t, "postprocess", dev):
             to_uint8(out.float())
     t["total"] = sum(t.values())
@@ -144,15 +152,13 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--lean-decode", choices=("auto", "on", "off"), default="auto",
                     help="memory-lean VAE decode (auto = the pipeline default: on for CPU)")
-    ap.add_argument("--keep-heap", action="store_true",
-                    help="do not fix glibc's mmap threshold (the CLI fixes it on CPU)")
+    ap.add_argument("--overlap-encoders", action="store_true",
+                    help="CUDA: VRE on a side stream while the VAE encodes (pipe.enable_encoder_overlap)")
+    ap.add_argument("--no-heap-trim", action="store_true",
+                    help="do not return free heap memory to the OS between stages (default on CPU)")
     ap.add_argument("--compare-lean", action="store_true",
                     help="decode one batch with and without the lean decode: max difference and peak RSS")
     args = ap.parse_args()
-    if not args.keep_heap and (args.device == "cpu" or args.device.startswith("cpu")):
-        from osdface.utils.memory import return_freed_memory_to_os
-
-        return_freed_memory_to_os()
 
     from osdface.pipelines import OSDFacePipeline
 
@@ -174,6 +180,8 @@ def main() -> None:
     if args.compile:
         pipe.compile()
     pipe.set_lean_decode({"auto": None, "on": True, "off": False}[args.lean_decode])
+    pipe.enable_encoder_overlap(args.overlap_encoders)
+    pipe.set_heap_trimming(False if args.no_heap_trim else None)
     result = {
         "benchmark": "restore",
         "machine": machine(),
@@ -186,7 +194,8 @@ def main() -> None:
         "load_rss_increase_gb": round(load_rss.peak - rss0, 3),
         "params_millions": {n: round(sum(p.numel() for p in m.parameters()) / 1e6, 2) for n, m in pipe.modules().items()},
         "options": {"channels_last": args.channels_last, "compile": args.compile, "lean_decode": args.lean_decode,
-                    "glibc_fixed_mmap_threshold": not args.keep_heap and pipe.device.type == "cpu"},
+                    "overlap_encoders": args.overlap_encoders,
+                    "heap_trim_between_stages": not args.no_heap_trim and pipe.device.type == "cpu"},
         "runs": [],
     }
     for bs in args.batch_sizes:

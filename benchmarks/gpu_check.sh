@@ -12,4 +12,6 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
   --flops --official-baseline 8 > "$OUT/bench_fp16.json" 2> "$OUT/bench_fp16.err"; tail -3 "$OUT/bench_fp16.err"
 .venv/bin/python benchmarks/bench_restore.py --device cuda --dtype fp32 --batch-sizes 1 8 --repeats 3 \
   --official-baseline 4 > "$OUT/bench_fp32.json" 2> "$OUT/bench_fp32.err"; tail -3 "$OUT/bench_fp32.err"
+.venv/bin/python benchmarks/bench_restore.py --device cuda --dtype fp16 --batch-sizes 1 8 32 --repeats 3 \
+  --overlap-encoders > "$OUT/bench_fp16_overlap.json" 2> "$OUT/bench_fp16_overlap.err"; tail -3 "$OUT/bench_fp16_overlap.err"
 cat "$OUT"/bench_*.json

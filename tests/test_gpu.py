@@ -45,3 +45,15 @@ def test_sampling_generator_on_device(official_layout, tiny_vre_config, faces):
     a = pipe(faces[:2], latent="sample", generator=g()).images
     b = pipe(faces[:2], latent="sample", generator=g()).images
     assert torch.equal(a, b)
+
+
+def test_encoder_overlap_on_cuda_keeps_outputs(official_layout, tiny_vre_config, faces):
+    if ACCEL != "cuda":
+        pytest.skip("CUDA streams only")
+    pipe = OSDFacePipeline.from_official(*official_layout, vre_config=tiny_vre_config, device="cuda")
+    ref = pipe(faces)
+    pipe.enable_encoder_overlap()
+    for _ in range(3):  # repeated: blocks recycled across streams must not be overwritten early
+        out = pipe(faces)
+        assert torch.equal(out.images, ref.images)
+        assert torch.equal(out.prompt_indices, ref.prompt_indices)

@@ -114,3 +114,17 @@ def test_pipeline_outputs_identical_with_and_without_lean_decode():
     torch.testing.assert_close(lean, plain, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="band_mb"):
         pipe.set_lean_decode(True, band_mb=0)
+
+
+def test_heap_trimming_between_stages_keeps_outputs():
+    import platform
+
+    from osdface.utils.memory import trim_heap
+
+    assert trim_heap() is (platform.libc_ver()[0] == "glibc")  # found wherever glibc is the libc
+    pipe = tiny_pipeline(1)
+    faces = synthetic_faces(2, seed=5)
+    pipe.set_heap_trimming(False)
+    plain = pipe(faces, output_type="np").images
+    pipe.set_heap_trimming(True)
+    assert (pipe(faces, output_type="np").images == plain).all()

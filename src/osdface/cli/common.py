@@ -70,10 +70,6 @@ def load_pipeline_from_args(args):
     )
 
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        from ..utils.memory import return_freed_memory_to_os
-
-        return_freed_memory_to_os()  # lower resident peak on CPU; results unchanged
     dtype = args.dtype
     if dtype == "auto":
         dtype = "fp16" if device.type == "cuda" else "fp32"

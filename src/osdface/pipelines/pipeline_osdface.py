@@ -30,6 +30,7 @@ from ..models.lora import merge_lora_into
 from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder
 from ..utils.io import write_text_atomic
 from ..utils.logging import get_logger
+from ..utils.memory import trim_heap
 from ..weights import (
     WeightsNotFoundError,
     check_base_model_dir,
@@ -103,6 +104,9 @@ class OSDFacePipeline:
         self.resolution = int(resolution if resolution is not None else vre.config.resolution)
         self.vae_batch_size: int | None = None
         self.lean_decode: bool | None = None  # None = auto: on for CPU tensors
+        self.overlap_encoders = False
+        self.heap_trimming: bool | None = None  # None = auto: on for CPU inference
+        self._side_streams: dict = {}
         self.lean_band_mb = DEFAULT_BAND_MB
         self._channels_last = False
         for m in self.modules().values():
@@ -183,6 +187,46 @@ class OSDFacePipeline:
         self.lean_decode, self.lean_band_mb = enabled, float(band_mb)
         return self
 
+    def set_heap_trimming(self, enabled: bool | None = None) -> OSDFacePipeline:
+        """Return free heap memory to the OS between stages (:func:`osdface.utils.memory.trim_heap`).
+
+        ``None`` (default) = on for CPU inference (lower resident peak, results unchanged), off on
+        accelerators and under autograd.
+        """
+        self.heap_trimming = enabled
+        return self
+
+    def _between_stages(self, x: torch.Tensor) -> None:
+        on = self.heap_trimming if self.heap_trimming is not None else x.device.type == "cpu"
+        if on and not torch.is_grad_enabled():
+            trim_heap()
+
+    def enable_encoder_overlap(self, enabled: bool = True) -> OSDFacePipeline:
+        """On CUDA, run the VRE + adapter on a side stream while the VAE encoder runs on the current
+        stream (both only read ``lq``; the UNet waits for both). Same math and results; no effect
+        on other devices or under autograd.
+        """
+        self.overlap_encoders = bool(enabled)
+        return self
+
+    def _encode(self, lq: torch.Tensor, latent: LatentMode, generator: torch.Generator | None):
+        """Steps 3–4: ``(prompt, indices, z_L)``, the VRE overlapped with the VAE encoder when enabled."""
+        if not (self.overlap_encoders and lq.device.type == "cuda" and not torch.is_grad_enabled()):
+            prompt, idx = self.encode_prompt(lq, return_indices=True)
+            return prompt, idx, self.encode_latent(lq, latent=latent, generator=generator)
+        main = torch.cuda.current_stream(lq.device)
+        side = self._side_streams.setdefault(lq.device, torch.cuda.Stream(device=lq.device))
+        side.wait_stream(main)  # lq is complete before the side stream reads it
+        with torch.cuda.stream(side):
+            prompt, idx = self.encode_prompt(lq, return_indices=True)
+        z = self.encode_latent(lq, latent=latent, generator=generator)
+        main.wait_stream(side)
+        # the caching allocator must not hand these blocks out again while the other stream uses them
+        lq.record_stream(side)
+        prompt.record_stream(main)
+        idx.record_stream(main)
+        return prompt, idx, z
+
     @property
     def alpha_cumprod(self) -> torch.Tensor:
         """ᾱ_t at the pipeline timestep, float64 (from the float32 cumprod, as the official code)."""
@@ -258,10 +302,12 @@ class OSDFacePipeline:
         Returns:
             ``(B, 3, R, R)`` float in [0, 1] (and the prompt indices when asked).
         """
-        prompt, idx = self.encode_prompt(lq, return_indices=True)
-        z = self.encode_latent(lq, latent=latent, generator=generator)
+        prompt, idx, z = self._encode(lq, latent, generator)
+        self._between_stages(z)
         eps = self.unet(z, self.timestep, encoder_hidden_states=prompt.to(z.dtype)).sample
+        self._between_stages(eps)
         out = self.decode(self.predict_x0(z, eps))
+        self._between_stages(out)
         return (out, idx) if return_indices else out
 
     @torch.inference_mode()

@@ -1,10 +1,12 @@
-"""Process-level memory settings for CPU inference.
+"""Give freed heap memory back to the OS between pipeline stages (CPU inference).
 
-glibc serves large allocations with ``mmap`` and returns them to the OS when freed, but it raises
-that threshold dynamically (up to 32 MiB) every time such a block is freed. After a few layers most
-activation tensors of a diffusion forward are below the raised threshold, come from the heap, and
-stay resident after they are freed: on the SD 2.1 pipeline at 512² this kept ~0.4 GB more resident
-than needed. Fixing the threshold stops the raise. It changes no result, only where memory comes from.
+glibc serves large allocations with ``mmap`` and returns them when freed, but it raises that
+threshold dynamically (up to 32 MiB) each time such a block is freed, so after a few layers most
+activation tensors come from the heap, and heap memory freed at the end of one stage (VAE encoder,
+UNet) stays resident while the next stage allocates its own. ``malloc_trim(0)`` between stages hands
+those free pages back (it touches no live data; results are unchanged). On the SD 2.1 pipeline at
+512² this lowers the restore's resident peak by ~0.1–0.4 GB at a cost of milliseconds.
+(Fixing the mmap threshold instead would do the same but page-fault every activation.)
 """
 
 from __future__ import annotations
@@ -17,31 +19,26 @@ from .logging import get_logger
 
 logger = get_logger(__name__)
 
-_M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
-_applied: int | None = None
+_trim = None  # resolved once: libc's malloc_trim, or False where there is none
 
 
-def return_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> bool:
-    """Serve allocations of at least ``threshold_bytes`` with ``mmap`` (fixed threshold), so freed
-    activations leave the resident set at once. Process-wide; idempotent.
+def trim_heap() -> bool:
+    """Return free heap pages to the OS (glibc ``malloc_trim(0)``).
 
     Returns:
-        ``True`` when applied (Linux with glibc), ``False`` elsewhere (nothing is changed).
+        ``True`` when glibc trimmed (or had nothing to trim), ``False`` where not available.
     """
-    global _applied
-    if _applied == threshold_bytes:
-        return True
-    if not sys.platform.startswith("linux"):
+    global _trim
+    if _trim is None:
+        _trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+                fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+                _trim = fn
+            except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+                logger.debug("malloc_trim not available")
+    if not _trim:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other libcs have no mallopt
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)) != 1:
-        logger.debug("mallopt(M_MMAP_THRESHOLD, %d) refused", threshold_bytes)
-        return False
-    _applied = threshold_bytes
-    logger.debug("allocations >= %d bytes now come from mmap", threshold_bytes)
+    _trim(0)
     return True
