@@ -225,8 +225,8 @@ class FAN(nn.Module):
 def load_fan_checkpoint(model: FAN, path: str | os.PathLike) -> None:
     """Load ``alignment_WFLW_4HG.pth`` / ``WFLW_4HG.pth`` into ``model``, strictly.
 
-    Accepted containers: ``{"state_dict": sd, ...}`` (the released file, read by VQFR as
-    ``torch.load(path)['state_dict']``) or a bare ``sd``; a ``module.`` prefix (DataParallel) on every
+    Accepted containers: ``{"state_dict": sd, ...}`` (the released file; VQFR loads it and takes
+    its ``'state_dict'`` entry) or a bare ``sd``; a ``module.`` prefix (DataParallel) on every
     key is removed. BatchNorm ``num_batches_tracked`` counters may be absent (files saved before
     PyTorch 0.4.1; they play no part in inference). Anything else — a missing, unexpected or
     wrongly shaped tensor — raises ``ValueError`` naming the file and the first offending keys.
