@@ -215,7 +215,9 @@ class OSDFacePipeline:
             prompt, idx = self.encode_prompt(lq, return_indices=True)
             return prompt, idx, self.encode_latent(lq, latent=latent, generator=generator)
         main = torch.cuda.current_stream(lq.device)
-        side = self._side_streams.setdefault(lq.device, torch.cuda.Stream(device=lq.device))
+        side = self._side_streams.get(lq.device)
+        if side is None:  # one side stream per device, made once
+            side = self._side_streams[lq.device] = torch.cuda.Stream(device=lq.device)
         side.wait_stream(main)  # lq is complete before the side stream reads it
         with torch.cuda.stream(side):
             prompt, idx = self.encode_prompt(lq, return_indices=True)
@@ -223,8 +225,9 @@ class OSDFacePipeline:
         main.wait_stream(side)
         # the caching allocator must not hand these blocks out again while the other stream uses them
         lq.record_stream(side)
-        prompt.record_stream(main)
-        idx.record_stream(main)
+        for t in (prompt, idx):
+            if t.is_cuda:
+                t.record_stream(main)
         return prompt, idx, z
 
     @property
