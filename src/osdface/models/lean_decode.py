@@ -165,6 +165,7 @@ def lean_decoder_forward(decoder: nn.Module, z: torch.Tensor, band_mb: float = D
     """``decoder(z)`` for a diffusers VAE ``Decoder``, with the memory-lean block implementations."""
     sample = decoder.conv_in(z)
     sample = decoder.mid_block(sample, None)
+    sample = sample.to(next(iter(decoder.up_blocks.parameters())).dtype)  # older diffusers upcast here
     for up_block in decoder.up_blocks:
         for resnet in up_block.resnets:
             holder = [sample]
