@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils.logging import get_logger
-from .backbones import unwrap_state_dict
+from .backbones import freeze, unwrap_state_dict
 from .metrics import Metric
 
 logger = get_logger(__name__)
@@ -396,9 +396,7 @@ class CLIPIQAMetric(Metric):
         if path is not None:
             load_clip_weights(model, load_clip_state_dict(path), path)
             logger.info("clipiqa: CLIP weights from %s", path)
-        self.model = model.float().eval().to(self.device)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = freeze(model.float().to(self.device))
         self.pos_embedding = bool(pos_embedding)
 
         tokenizer = open_clip.get_tokenizer(CLIP_ARCH)

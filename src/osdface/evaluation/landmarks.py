@@ -251,8 +251,8 @@ def build_fan(weights_dir: str | os.PathLike | None = None, pretrained: bool = T
         num_modules: stacked hourglasses; the released file has 4.
     """
     if pretrained:
+        path = require_weight_file("fan_wflw", weights_dir)  # fail before building the network
         model = FAN(num_modules=num_modules)
-        path = require_weight_file("fan_wflw", weights_dir)
         load_fan_checkpoint(model, path)
         logger.info("loaded FAN WFLW weights from %s", path)
     else:

@@ -55,7 +55,7 @@ from timm.layers import Mlp  # fc1 → exact GELU → fc2 (the released key name
 from torch import nn
 
 from ..utils.logging import get_logger
-from .backbones import load_checked, unwrap_state_dict
+from .backbones import freeze, load_checked, unwrap_state_dict
 from .metrics import Metric
 
 logger = get_logger(__name__)
@@ -456,9 +456,7 @@ class MANIQAMetric(Metric):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 net = MANIQANet(**cfg)
-        self.net = net.to(device=self.device, dtype=dtype).eval()
-        for p in self.net.parameters():
-            p.requires_grad_(False)
+        self.net = freeze(net.to(device=self.device, dtype=dtype))
 
     def compute(self, pred: torch.Tensor, gt=None) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] → ``(B,)`` scores (network dtype)."""

@@ -46,7 +46,7 @@ from timm.layers import Mlp  # fc1 → exact GELU → fc2 (the released key name
 from torch import nn
 
 from ..utils.logging import get_logger
-from .backbones import load_checked, unwrap_state_dict
+from .backbones import freeze, load_checked, unwrap_state_dict
 from .metrics import Metric
 
 logger = get_logger(__name__)
@@ -429,19 +429,18 @@ def build_musiq(weights_dir: str | os.PathLike | None = None, pretrained: bool =
         WeightsNotFoundError: ``pretrained`` and the file is missing (names it and where to put it).
     """
     cfg = {**MUSIQ_CONFIG, **arch}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MUSIQ(**cfg)
+    path = None
     if pretrained:
         from .weights import require_weight_file
 
-        path = require_weight_file("musiq", weights_dir)
+        path = require_weight_file("musiq", weights_dir)  # fail before building the network
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MUSIQ(**cfg)
+    if path is not None:
         load_musiq_weights(model, path)
         logger.info("MUSIQ weights loaded from %s", path)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return freeze(model)
 
 
 class MUSIQMetric(Metric):
