@@ -18,13 +18,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .constants import MAX_IMAGE_PIXELS
+from .errors import OSDFaceError
 from .utils.io import atomic_path
 
 ImageLike = Union["Image.Image", np.ndarray, "torch.Tensor"]  # noqa: F821
 Rounding = Literal["round", "truncate"]
 
 
-class ImageError(ValueError):
+class ImageError(OSDFaceError, ValueError):
     """An input image could not be used; the message names the file (if any) and the problem."""
 
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .errors import OSDFaceError
+
 #: Top-level modules whose classes are replaced by inert stand-ins (configuration containers).
 INERT_MODULE_ROOTS = frozenset(
     {"pytorch_lightning", "lightning", "lightning_fabric", "omegaconf", "argparse", "pathlib", "datetime", "typing"}
@@ -46,7 +48,7 @@ _STORAGE_DTYPES = {
 }
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(OSDFaceError, RuntimeError):
     """The checkpoint references code that would run while unpickling; it was not loaded."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import WeightsNotFoundError
 from .safe_load import load_torch_checkpoint
 
 OFFICIAL_VRE_FILE = "associate_2.ckpt"
@@ -37,10 +38,6 @@ OFFICIAL_WEIGHTS_HELP = (
     "SD 2.1-base is 'stabilityai/stable-diffusion-2-1-base' in diffusers format "
     "(it was removed from the Hugging Face hub in 2025; mirrors such as ModelScope carry it)."
 )
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """A weight file or folder is missing; the message says what to get and where to put it."""
 
 
 def osdface_home() -> Path:

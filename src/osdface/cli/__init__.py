@@ -13,6 +13,7 @@ import logging
 import sys
 
 from .._version import __version__
+from ..errors import OSDFaceError
 
 #: subcommand name → module (explicit: no scanning).
 SUBCOMMANDS = {
@@ -41,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 some inputs failed, 2 usage/setup error)."""
+    """Run the CLI; returns the exit code (0 ok, 1 some inputs failed, 2 usage/setup error).
+
+    Subcommands raise :class:`~osdface.errors.OSDFaceError` for anything the user can fix (a bad
+    option, a missing or malformed file); it is reported here as one line, without a traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -52,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
+    except OSDFaceError as e:  # the one funnel: any error a user can cause → one message, exit 2
+        print(f"osdface: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

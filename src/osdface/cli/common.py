@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 from ..constants import IMAGE_EXTENSIONS
+from ..errors import OSDFaceError
 
 
-class CLIError(Exception):
+class CLIError(OSDFaceError):
     """A usage or set-up problem: printed without a traceback, exit code 2."""
 
 

@@ -28,6 +28,7 @@ from typing import Protocol, runtime_checkable
 import cv2
 import numpy as np
 
+from ..errors import WeightsNotFoundError
 from ..utils.logging import get_logger
 from .types import Detection
 
@@ -38,7 +39,7 @@ YUNET_FP32_FILE = "face_detection_yunet_2023mar.onnx"
 RETINAFACE_FILES = {"resnet50": "detection_Resnet50_Final.pth", "mobilenet0.25": "detection_mobilenet0.25_Final.pth"}
 
 
-class DetectorWeightsNotFoundError(FileNotFoundError):
+class DetectorWeightsNotFoundError(WeightsNotFoundError):
     """A detector's weight file is missing; the message says which file and where to put it."""
 
 

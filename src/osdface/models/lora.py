@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import OSDFaceError
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -42,7 +43,7 @@ DEFAULT_UNET_LORA_TARGETS = (
 )
 
 
-class LoraFormatError(ValueError):
+class LoraFormatError(OSDFaceError, ValueError):
     """A LoRA state dict that cannot be mapped onto the model; the message lists the keys."""
 
 

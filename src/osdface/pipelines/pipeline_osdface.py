@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..constants import TIMESTEP
+from ..errors import DeviceError
 from ..image import ImageError, from_model_range, to_model_range, to_pil, to_tensor, to_uint8
 from ..models.lean_decode import DEFAULT_BAND_MB, lean_vae_decode
 from ..models.lora import merge_lora_into
@@ -76,11 +77,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise DeviceError(f"device {str(device)!r}: {e}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available in this PyTorch build/machine")
+        raise DeviceError("device 'cuda' requested but CUDA is not available in this PyTorch build/machine")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise RuntimeError("device 'mps' requested but MPS is not available on this machine")
+        raise DeviceError("device 'mps' requested but MPS is not available on this machine")
     return device
 
 

@@ -28,10 +28,12 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from ..errors import OSDFaceError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(OSDFaceError, ValueError):
     """An invalid configuration (unknown key, wrong type, bad override); the message names the key."""
 
 
