@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import OSDFaceError
+from .errors import ModelFileError, OSDFaceError, WeightsNotFoundError
 
 #: Top-level modules whose classes are replaced by inert stand-ins (configuration containers).
 INERT_MODULE_ROOTS = frozenset(
@@ -46,6 +46,27 @@ _STORAGE_DTYPES = {
     "ComplexFloatStorage": torch.complex64,
     "ComplexDoubleStorage": torch.complex128,
 }
+
+
+def load_safetensors(path: str | os.PathLike, what: str = "weights") -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` file (memory-mapped, on the CPU), naming the file and the reason on failure.
+
+    Raises:
+        WeightsNotFoundError: no such file.
+        ModelFileError: the file is not a valid safetensors file (truncated, bad header, wrong
+            offsets, empty, ...); safetensors' own reason is kept in the message.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"{path}: {what} file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"{path}: not a valid safetensors file ({reason})") from None
 
 
 class UnsafeCheckpointError(OSDFaceError, RuntimeError):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import WeightsNotFoundError
-from .safe_load import load_torch_checkpoint
+from .safe_load import load_safetensors, load_torch_checkpoint
 
 OFFICIAL_VRE_FILE = "associate_2.ckpt"
 OFFICIAL_ADAPTER_FILE = "embedding_change_weights.pth"
@@ -178,12 +178,4 @@ def load_official_adapter_state_dict(path: str | os.PathLike, expected: dict[str
 
 def load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a LoRA ``.safetensors`` file (memory-mapped)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsNotFoundError(f"{path}: LoRA file not found")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    return load_safetensors(path, what="LoRA")
