@@ -1,40 +1,131 @@
-"""Small file helpers: atomic writes (never leave a half-written file behind)."""
+"""Small file helpers: atomic writes (never leave a half-written file behind), temporaries, JSON reading."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelFileError
+from .logging import get_logger
+
+logger = get_logger(__name__)
+
+
+#: Every temporary file or folder osdface writes starts with this (hidden, and never an image name:
+#: input scanners skip it, :func:`clean_stale_temps` recognises it).
+TEMP_PREFIX = ".osdface-tmp-"
+#: Temporaries of versions before the prefix existed: ``.<stem>.<8 random>.tmp<.ext>`` (files).
+_LEGACY_TEMP = re.compile(r"^\.[^/]*\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"(?P<host>[^-]*)-(?P<pid>\d+)-[0-9a-f]{8}-")
+_STALE_FOREIGN_SECONDS = 24 * 3600
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16] or "host"
+
+
+def _temp_name(final_name: str) -> str:
+    # final_name last, so writers that infer the format from the suffix (PIL, OpenCV) still work
+    return f"{TEMP_PREFIX}{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}-{final_name}"
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the names osdface gives its temporaries (current and legacy)."""
+    return name.startswith(TEMP_PREFIX) or bool(_LEGACY_TEMP.match(name))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove temporaries left in ``folder`` by killed runs; return what was removed.
+
+    A temporary is stale when the process that made it (host + PID in its name) is gone; one from
+    another host is removed only after a day. Legacy hidden ``.*.tmp.*`` files count as stale.
+    Temporaries of live runs (this one included) are left alone.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    host, now = _host_tag(), time.time()
+    for entry in folder.iterdir():
+        m = _TEMP_NAME.match(entry.name)
+        if m:
+            if m["host"] == host:
+                stale = not _pid_alive(int(m["pid"]))
+            else:
+                stale = now - entry.lstat().st_mtime > _STALE_FOREIGN_SECONDS
+        else:
+            stale = bool(_LEGACY_TEMP.match(entry.name)) and entry.is_file()
+        if not stale:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+        logger.info("removed %s, left by an interrupted run", entry)
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``.
 
-    The temporary file keeps ``path``'s suffix so that writers which infer the format from the
-    name (PIL, OpenCV) still work. On error the temporary file is removed and ``path`` is untouched.
+    The temporary is named ``.osdface-tmp-<host>-<pid>-<random>-<name>`` (see :func:`is_temp_name`):
+    it keeps ``path``'s suffix so writers that infer the format from the name still work. It is
+    created with mode 0666 minus the umask, as a plain ``open()`` would (no process-wide umask
+    change). On error it is removed and ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = path.parent / _temp_name(path.name)
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp_path
-        # mkstemp creates 0600; give the file the permissions a plain open() would have
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; on success rename it to ``path``.
+
+    ``path`` must not exist or be an empty folder. The temporary is created with mode 0777 minus
+    the umask (what ``mkdir`` gives), so the finished folder has normal permissions; on error it is
+    removed with everything in it, and a killed run's leftover is removed by :func:`clean_stale_temps`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.parent / _temp_name(path.name)
+    os.mkdir(tmp_path, 0o777)
+    try:
+        yield tmp_path
+        if path.is_dir():
+            path.rmdir()  # only an empty folder; anything else raises and keeps both
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
