@@ -1,27 +1,47 @@
-"""Read tensors from foreign PyTorch checkpoints without executing code from the file.
+"""Read tensors from foreign PyTorch checkpoints without executing code from the file, and
+without letting the file decide how much memory is allocated.
 
 Plain state dicts go through ``torch.load(weights_only=True)``. Lightning checkpoints such as
 the official ``associate_2.ckpt`` also pickle objects like hyper-parameter namespaces, which
 ``weights_only`` refuses; for those we read the zip archive with our own restricted unpickler:
 
-* tensor-rebuild functions, storages, builtin containers and a few numpy reconstructors are
-  resolved to the real (data-only) objects;
+* tensor-rebuild functions, storages and builtin containers are resolved to the real (data-only)
+  objects; the rebuild functions are wrapped so that every tensor's layout is checked first;
 * classes from known *configuration* libraries (Lightning, OmegaConf, argparse, pathlib, ...)
   are replaced by :class:`InertObject` stand-ins that only store the data they are given; the
   real classes are never imported or called;
 * every other global (``os.system``, ``builtins.eval``, ``subprocess.Popen``, any user code) is
   refused with :class:`UnsafeCheckpointError`, naming it.
+
+Plausibility, before anything large is allocated (:data:`CHECKPOINT_LIMITS`):
+
+* zip archives: every record's header is checked first (size cap; stored records' sizes agree;
+  compressed records may not inflate absurdly — torch itself never compresses), and our reader
+  reads each record through a byte limit, since a header can lie;
+* each storage's declared size (elements × item size) must equal its record's size;
+* each tensor must be a non-overlapping view that lies inside its storage: no zero strides on
+  dimensions longer than 1 (an *expanded* tensor claims far more elements than the file holds),
+  no negative strides or offsets, nothing past the end. Results of ``torch.load`` are checked the
+  same way (it returns expanded tensors as cheap views);
+* legacy (non-zip) checkpoints are dry-run through the restricted unpickler first (no tensor is
+  built), so a refused global is named and the declared tensor bytes are checked against the file.
+
+Every failure is an :class:`~osdface.errors.OSDFaceError` with a one-line message naming the file.
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import mmap
 import os
 import pickle
+import struct
+import tarfile
 import zipfile
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -32,20 +52,52 @@ INERT_MODULE_ROOTS = frozenset(
     {"pytorch_lightning", "lightning", "lightning_fabric", "omegaconf", "argparse", "pathlib", "datetime", "typing"}
 )
 
-_STORAGE_DTYPES = {
-    "FloatStorage": torch.float32,
-    "DoubleStorage": torch.float64,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-    "ComplexFloatStorage": torch.complex64,
-    "ComplexDoubleStorage": torch.complex128,
+#: Limits applied to every foreign checkpoint before its contents are allocated.
+#:
+#: ``max_record_bytes``: largest single record (tensor storage) accepted, inflated. The largest
+#: storage in any file osdface reads this way is well under 1 GiB (CLIP RN50's biggest tensor is
+#: ~0.1 GiB; the SD base model is read from safetensors, not here).
+#: ``max_pickle_bytes``: largest ``data.pkl`` (the object structure, no tensor data).
+#: ``max_compression_ratio`` / ``compressed_floor_bytes``: a compressed record may inflate to at
+#: most ``max(compressed_floor_bytes, ratio × its compressed size)``. ``torch.save`` stores
+#: records uncompressed; weights that someone re-zipped compress by ~1.1×, so 64× only refuses
+#: decompression bombs (zeros deflate ~1000×).
+#: ``max_nesting``: deepest container nesting walked when checking a loaded object.
+CHECKPOINT_LIMITS = {
+    "max_record_bytes": 8 << 30,
+    "max_pickle_bytes": 256 << 20,
+    "max_compression_ratio": 64,
+    "compressed_floor_bytes": 1 << 20,
+    "max_nesting": 64,
 }
+
+#: Errors that the pickle machinery, torch's rebuild functions and zipfile raise for malformed
+#: input; :func:`load_torch_checkpoint` turns them into :class:`ModelFileError` naming the file.
+_MALFORMED = (
+    pickle.UnpicklingError, EOFError, TypeError, ValueError, KeyError, AttributeError, IndexError,
+    RuntimeError, OverflowError, RecursionError, UnicodeDecodeError, zipfile.BadZipFile, zlib.error,
+    struct.error, NotImplementedError, AssertionError,
+)
+
+_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL_VERSION = 1001
+
+
+#: ``torch.<Name>Storage`` globals in a checkpoint → the dtype of their elements.
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64, "ComplexDoubleStorage": torch.complex128,
+}
+
+
+def _reason(e: BaseException) -> str:
+    """First line of an exception's message (its type name if empty), without torch's unsafe advice."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if "weights_only" not in ln and "arbitrary code" not in ln]
+    # torch's zip reader appends a paragraph of generic advice to its first sentence
+    return lines[0].split(". This is an internal")[0][:300] if lines else type(e).__name__
 
 
 def load_safetensors(path: str | os.PathLike, what: str = "weights") -> dict[str, torch.Tensor]:
@@ -105,46 +157,223 @@ class _StorageType:
         self.dtype = dtype
 
 
-def _allowed_globals() -> dict[str, Any]:
-    import torch._utils as tu
+# ----------------------------------------------------------------------------------------------
+# Layout checks
+# ----------------------------------------------------------------------------------------------
 
-    allowed: dict[str, Any] = {
-        "collections.OrderedDict": collections.OrderedDict,
-        "collections.defaultdict": collections.defaultdict,
-        "builtins.dict": dict,
-        "builtins.list": list,
-        "builtins.tuple": tuple,
-        "builtins.set": set,
-        "builtins.frozenset": frozenset,
-        "builtins.int": int,
-        "builtins.float": float,
-        "builtins.complex": complex,
-        "builtins.str": str,
-        "builtins.bytes": bytes,
-        "builtins.bytearray": bytearray,
-        "builtins.object": object,
-        "builtins.slice": slice,
-        "torch.Size": torch.Size,
-        "torch.device": torch.device,
-        "torch.nn.parameter.Parameter": torch.nn.Parameter,
-    }
-    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                 "_rebuild_parameter_with_state"):
-        if hasattr(tu, name):
-            allowed[f"torch._utils.{name}"] = getattr(tu, name)
-    for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"):
-        allowed[f"torch.{name}"] = getattr(torch, name)
-    return allowed
+
+def _layout_problem(size: tuple, stride: tuple, offset: int, storage_numel: int) -> str | None:
+    """Why a ``(size, stride, offset)`` view over ``storage_numel`` elements is implausible, or None.
+
+    Accepted: non-overlapping views inside the storage (contiguous, permuted, or sliced with
+    gaps), so a tensor never has more elements than its storage. Refused: negative values,
+    zero or overlapping strides on dimensions longer than 1 (expanded tensors), reads past the end.
+    """
+    if len(size) != len(stride):
+        return f"{len(size)} sizes but {len(stride)} strides"
+    if offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
+        return "negative size, stride or offset"
+    if any(s == 0 for s in size):
+        return None if offset <= storage_numel else f"offset {offset} is past the storage's {storage_numel} elements"
+    reach = 0  # the largest element offset reachable with the dimensions seen so far
+    for st, sz in sorted((st, sz) for sz, st in zip(size, stride) if sz > 1):
+        if st <= reach:
+            return ("an expanded (stride-0) layout" if st == 0 else "an overlapping layout") + (
+                f": {_numel(size)} elements claimed over a storage of {storage_numel}"
+            )
+        reach += st * (sz - 1)
+    if offset + reach >= storage_numel:
+        return f"it reads past the end of its storage (element {offset + reach} of {storage_numel})"
+    return None
+
+
+def _numel(size: tuple) -> int:
+    n = 1
+    for s in size:
+        n *= s
+    return n
+
+
+def _int_tuple(value: Any) -> tuple[int, ...] | None:
+    if isinstance(value, (tuple, list, torch.Size)) and all(type(v) is int for v in value):
+        return tuple(value)
+    return None
+
+
+def check_tensor_layout(t: torch.Tensor, source: str, key: str) -> None:
+    """Refuse a loaded tensor whose layout is not a plain view of its own storage.
+
+    Raises:
+        ModelFileError: expanded (stride-0) or overlapping layouts, or a view past the storage's end;
+            the message names ``source``, ``key``, the shape, the strides and the storage size.
+    """
+    if t.layout != torch.strided or t.device.type == "meta":
+        if t.layout != torch.strided:
+            raise ModelFileError(f"{source}: tensor '{key}' has layout {t.layout}; only dense tensors are accepted")
+        return
+    numel = t.untyped_storage().nbytes() // max(1, t.element_size())
+    problem = _layout_problem(tuple(t.shape), tuple(t.stride()), t.storage_offset(), numel)
+    if problem:
+        raise ModelFileError(
+            f"{source}: tensor '{key}' of shape {tuple(t.shape)} with strides {tuple(t.stride())} is refused: {problem}"
+        )
+
+
+def check_loaded_tensors(obj: Any, source: str) -> None:
+    """Walk a loaded checkpoint (dicts, lists, tuples, inert objects) and check every tensor's layout.
+
+    Raises:
+        ModelFileError: a tensor with an implausible layout (see :func:`check_tensor_layout`), or
+            nesting deeper than ``CHECKPOINT_LIMITS['max_nesting']``.
+    """
+    stack: list[tuple[Any, str, int]] = [(obj, "", 0)]
+    seen: set[int] = set()
+    while stack:
+        item, where, depth = stack.pop()
+        if isinstance(item, torch.Tensor):
+            check_tensor_layout(item, source, where or "<top level>")
+            continue
+        if id(item) in seen or not isinstance(item, (dict, list, tuple, set, frozenset, InertObject)):
+            continue
+        seen.add(id(item))
+        if depth >= CHECKPOINT_LIMITS["max_nesting"]:
+            raise ModelFileError(f"{source}: containers nested deeper than {CHECKPOINT_LIMITS['max_nesting']} at '{where}'")
+        if isinstance(item, dict):
+            children = [(v, f"{where}.{k}" if where else str(k)) for k, v in item.items()]
+            if isinstance(item, InertObject):
+                children += [(v, f"{where}.{k}") for k, v in item.__dict__.items()]
+        else:
+            children = [(v, f"{where}[{i}]") for i, v in enumerate(item)]
+        stack.extend((v, w, depth + 1) for v, w in children)
+
+
+# ----------------------------------------------------------------------------------------------
+# Zip records
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_record_header(info: zipfile.ZipInfo, source: str, archive_bytes: int) -> None:
+    lim = CHECKPOINT_LIMITS
+    name = info.filename
+    if info.file_size > lim["max_record_bytes"]:
+        raise ModelFileError(
+            f"{source}: record '{name}' claims {info.file_size} bytes, over the limit of "
+            f"{lim['max_record_bytes']} (CHECKPOINT_LIMITS['max_record_bytes'])"
+        )
+    if info.compress_size > archive_bytes:
+        raise ModelFileError(f"{source}: record '{name}' claims {info.compress_size} bytes but the file has "
+                             f"{archive_bytes} (a truncated or corrupt archive)")
+    if info.compress_type == zipfile.ZIP_STORED:
+        if info.file_size != info.compress_size:
+            raise ModelFileError(f"{source}: stored record '{name}' has inconsistent sizes "
+                                 f"({info.compress_size} stored, {info.file_size} claimed)")
+        return
+    allowed = max(lim["compressed_floor_bytes"], lim["max_compression_ratio"] * info.compress_size)
+    if info.file_size > allowed:
+        raise ModelFileError(
+            f"{source}: compressed record '{name}' would inflate from {info.compress_size} to {info.file_size} bytes "
+            f"(over {lim['max_compression_ratio']}x): refused as a decompression bomb"
+        )
+
+
+def _check_archive(zf: zipfile.ZipFile, source: str, archive_bytes: int) -> None:
+    """Check every record's header of a zip checkpoint (before torch or we read any of it)."""
+    for info in zf.infolist():
+        _check_record_header(info, source, archive_bytes)
+        if info.filename.endswith("data.pkl") and info.file_size > CHECKPOINT_LIMITS["max_pickle_bytes"]:
+            raise ModelFileError(f"{source}: '{info.filename}' has {info.file_size} bytes, over the limit of "
+                                 f"{CHECKPOINT_LIMITS['max_pickle_bytes']} (CHECKPOINT_LIMITS['max_pickle_bytes'])")
+
+
+def _archive_size(zf: zipfile.ZipFile) -> int:
+    """Bytes of the file (or buffer) behind an open archive."""
+    if isinstance(zf.fp, io.BytesIO):
+        return len(zf.fp.getbuffer())
+    return os.fstat(zf.fp.fileno()).st_size
+
+
+def _read_record(zf: zipfile.ZipFile, name: str, source: str, expected: int | None = None) -> bytearray:
+    """A record's bytes, read through a byte limit (headers are checked, but can lie).
+
+    Raises:
+        ModelFileError: missing record, size other than ``expected``, a header that lies, bad data.
+    """
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise ModelFileError(f"{source}: record '{name}' is missing from the archive") from None
+    _check_record_header(info, source, _archive_size(zf))
+    if expected is not None and info.file_size != expected:
+        raise ModelFileError(f"{source}: record '{name}' has {info.file_size} bytes but its tensor declares {expected}")
+    buf = bytearray(info.file_size)
+    try:
+        with zf.open(info) as f:
+            got = f.readinto(buf)
+            extra = f.read(1)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
+        raise ModelFileError(f"{source}: record '{name}' is unreadable ({_reason(e)})") from None
+    if got != info.file_size or extra:
+        raise ModelFileError(f"{source}: record '{name}' does not hold the {info.file_size} bytes its header claims")
+    return buf
+
+
+# ----------------------------------------------------------------------------------------------
+# Restricted unpickler
+# ----------------------------------------------------------------------------------------------
+
+
+class _ClaimedStorage:
+    """What a legacy checkpoint declares for a storage (dry run: nothing is allocated)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype):
+        self.numel, self.dtype = numel, dtype
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, record_prefix: str, source: str):
-        super().__init__(io.BytesIO(data))
+    """Unpickles ``data.pkl`` of a zip checkpoint: data-only globals, checked tensors, nothing runs."""
+
+    #: what the file is, for messages
+    kind = "the checkpoint"
+
+    def __init__(self, data: bytes | bytearray | BinaryIO, archive: zipfile.ZipFile | None, record_prefix: str,
+                 source: str):
+        super().__init__(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
         self._archive = archive
         self._prefix = record_prefix
         self._source = source
-        self._allowed = _allowed_globals()
+        self._allowed = self._allowed_globals()
         self._storages: dict[str, torch.UntypedStorage] = {}
+
+    # -- globals
+    def _allowed_globals(self) -> dict[str, Any]:
+        allowed: dict[str, Any] = {
+            "collections.OrderedDict": collections.OrderedDict,
+            "collections.defaultdict": collections.defaultdict,
+            "builtins.dict": dict,
+            "builtins.list": list,
+            "builtins.tuple": tuple,
+            "builtins.set": set,
+            "builtins.frozenset": frozenset,
+            "builtins.int": int,
+            "builtins.float": float,
+            "builtins.complex": complex,
+            "builtins.str": str,
+            "builtins.bytes": self._bytes_of(bytes),
+            "builtins.bytearray": self._bytes_of(bytearray),
+            "builtins.object": object,
+            "builtins.slice": slice,
+            "torch.Size": torch.Size,
+            "torch.device": torch.device,
+            "torch.nn.parameter.Parameter": self._parameter,
+            "torch._utils._rebuild_tensor": self._rebuild_tensor,
+            "torch._utils._rebuild_tensor_v2": self._rebuild_tensor_v2,
+            "torch._utils._rebuild_tensor_v3": self._rebuild_tensor_v3,
+            "torch._utils._rebuild_parameter": self._rebuild_parameter,
+            "torch._utils._rebuild_parameter_with_state": self._rebuild_parameter_with_state,
+        }
+        for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"):
+            allowed[f"torch.{name}"] = getattr(torch, name)
+        return allowed
 
     def find_class(self, module: str, name: str) -> Any:
         full = f"{module}.{name}"
@@ -155,48 +384,284 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module.split(".")[0] in INERT_MODULE_ROOTS:
             return _inert_class(full)
         raise UnsafeCheckpointError(
-            f"{self._source}: refusing to load: the checkpoint references '{full}', which would be imported "
+            f"{self._source}: refusing to load: {self.kind} references '{full}', which would be imported "
             "and could run code while unpickling. Only tensors and plain configuration objects are accepted."
         )
 
+    def _malformed(self, what: str) -> ModelFileError:
+        return ModelFileError(f"{self._source}: malformed checkpoint: {what}")
+
+    def _bytes_of(self, cls: type):
+        def build(*args: Any) -> Any:
+            if args and not isinstance(args[0], (bytes, bytearray, str, list, tuple)):
+                raise self._malformed(f"{cls.__name__}() called with a {type(args[0]).__name__} (a size claim)")
+            return cls(*args)
+
+        return build
+
+    # -- tensors
+    def _view(self, storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None = None):
+        if isinstance(storage, _ClaimedStorage):
+            numel, st_dtype = storage.numel, storage.dtype
+        elif isinstance(storage, torch.storage.TypedStorage):
+            numel, st_dtype = storage._size(), storage.dtype
+        else:
+            raise self._malformed(f"a tensor is built from a {type(storage).__name__}, not a storage")
+        dtype = st_dtype if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype):
+            raise self._malformed(f"tensor dtype {dtype!r}")
+        if dtype != st_dtype and not isinstance(storage, _ClaimedStorage):
+            numel = storage._untyped_storage.nbytes() // torch._utils._element_size(dtype)
+        size_t, stride_t = _int_tuple(size), _int_tuple(stride)
+        if size_t is None or stride_t is None or type(offset) is not int:
+            raise self._malformed(f"tensor size {size!r:.80}, stride {stride!r:.80}, offset {offset!r:.40}")
+        problem = _layout_problem(size_t, stride_t, offset, numel)
+        if problem:
+            raise ModelFileError(
+                f"{self._source}: a tensor of shape {size_t} with strides {stride_t} is refused: {problem}"
+            )
+        if isinstance(storage, _ClaimedStorage):  # dry run: no data, no allocation
+            return torch.empty_strided(size_t, stride_t, dtype=dtype, device="meta"), size_t, stride_t
+        return None, size_t, stride_t
+
+    def _check_hooks(self, hooks: Any) -> None:
+        if hooks is not None and not (isinstance(hooks, dict) and not hooks):
+            raise self._malformed("a tensor carries backward hooks")
+
+    def _rebuild_tensor(self, storage, storage_offset, size, stride):
+        meta, size, stride = self._view(storage, storage_offset, size, stride)
+        return meta if meta is not None else torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
+
+    def _rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad, backward_hooks,
+                           metadata=None):
+        self._check_hooks(backward_hooks)
+        meta, size, stride = self._view(storage, storage_offset, size, stride)
+        if meta is not None:
+            return meta
+        return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, bool(requires_grad),
+                                               collections.OrderedDict(), metadata)
+
+    def _rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
+                           metadata=None):
+        self._check_hooks(backward_hooks)
+        meta, size, stride = self._view(storage, storage_offset, size, stride, dtype)
+        if meta is not None:
+            return meta
+        return torch._utils._rebuild_tensor_v3(storage, storage_offset, size, stride, bool(requires_grad),
+                                               collections.OrderedDict(), dtype, metadata)
+
+    def _parameter(self, data: Any = None, requires_grad: Any = True):
+        if not isinstance(data, torch.Tensor):
+            raise self._malformed(f"a Parameter built from a {type(data).__name__}")
+        return torch.nn.Parameter(data, bool(requires_grad))
+
+    def _rebuild_parameter(self, data, requires_grad, backward_hooks):
+        self._check_hooks(backward_hooks)
+        return self._parameter(data, requires_grad)
+
+    def _rebuild_parameter_with_state(self, data, requires_grad, backward_hooks, state):
+        # Python attributes set on the parameter (``state``) are not weights; they are dropped.
+        return self._rebuild_parameter(data, requires_grad, backward_hooks)
+
+    # -- storages
+    def _storage_type(self, storage_type: Any, key: Any, numel: Any) -> torch.dtype:
+        if not isinstance(storage_type, _StorageType):
+            raise self._malformed(f"storage '{key!r:.40}' has type {storage_type!r:.60}")
+        if type(key) is not str or type(numel) is not int or numel < 0:
+            raise self._malformed(f"storage reference (key {key!r:.40}, size {numel!r:.40})")
+        return storage_type.dtype
+
     def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise UnsafeCheckpointError(f"{self._source}: unsupported persistent id {pid!r}")
-        _, storage_type, key, _location, _numel = pid
-        dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else torch.uint8
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise self._malformed(f"unsupported persistent id {pid!r:.100}")
+        _, storage_type, key, _location, numel = pid
+        dtype = self._storage_type(storage_type, key, numel)
         if key not in self._storages:
-            raw = self._archive.read(f"{self._prefix}data/{key}")
-            self._storages[key] = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
+            if self._archive is None:
+                raise self._malformed("a storage reference outside an archive")
+            nbytes = numel * torch._utils._element_size(dtype)
+            raw = _read_record(self._archive, f"{self._prefix}data/{key}", self._source, expected=nbytes)
+            self._storages[key] = (torch.frombuffer(raw, dtype=torch.uint8).untyped_storage() if raw
+                                   else torch.UntypedStorage(0))
         return torch.storage.TypedStorage(wrap_storage=self._storages[key], dtype=dtype, _internal=True)
 
 
-def _restricted_zip_load(path: Path) -> Any:
-    with zipfile.ZipFile(path) as zf:
-        pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
-        if len(pkl) != 1:
-            raise UnsafeCheckpointError(f"{path}: not a PyTorch zip checkpoint (no single data.pkl inside)")
-        prefix = pkl[0][: -len("data.pkl")]
-        return _RestrictedUnpickler(zf.read(pkl[0]), zf, prefix, str(path)).load()
+class _LegacyScanUnpickler(_RestrictedUnpickler):
+    """Dry run of a legacy (non-zip) ``torch.save`` pickle: names refused globals, records the
+    declared storages, builds tensors on the ``meta`` device only."""
+
+    kind = "the legacy (non-zip) checkpoint"
+
+    def __init__(self, f: BinaryIO, source: str, claims: dict[str, tuple[int, torch.dtype]]):
+        super().__init__(f, None, "", source)
+        self.claims = claims
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
+            raise self._malformed(f"unsupported persistent id {pid!r:.100}")
+        _, storage_type, key, _location, numel, view = pid
+        dtype = self._storage_type(storage_type, key, numel)
+        if key in self.claims and self.claims[key][0] * torch._utils._element_size(self.claims[key][1]) != (
+            numel * torch._utils._element_size(dtype)
+        ):
+            raise self._malformed(f"storage '{key}' is declared with two different sizes")
+        self.claims.setdefault(key, (numel, dtype))
+        if view is None:
+            return _ClaimedStorage(numel, dtype)
+        if not (isinstance(view, tuple) and len(view) == 3 and type(view[1]) is int and type(view[2]) is int
+                and 0 <= view[1] and 0 <= view[2] and view[1] + view[2] <= numel):
+            raise self._malformed(f"storage view {view!r:.80} of '{key}' ({numel} elements)")
+        return _ClaimedStorage(view[2], dtype)
+
+
+def _guarded_load(unpickler: pickle.Unpickler, source: str) -> Any:
+    """Run an unpickler; malformed input becomes :class:`ModelFileError` naming ``source``."""
+    try:
+        return unpickler.load()
+    except OSDFaceError:
+        raise
+    except _MALFORMED as e:
+        raise ModelFileError(f"{source}: not a readable PyTorch checkpoint ({type(e).__name__}: {_reason(e)})") from None
+
+
+def _load_archive_pickle(zf: zipfile.ZipFile, source: str, unpickler_cls: type = _RestrictedUnpickler) -> Any:
+    """Unpickle the single ``data.pkl`` of a zip archive with ``unpickler_cls`` (headers checked first).
+
+    Raises:
+        UnsafeCheckpointError, ModelFileError.
+    """
+    pkl = [n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+    if len(pkl) != 1:
+        raise ModelFileError(f"{source}: not a PyTorch zip checkpoint (no single data.pkl inside)")
+    _check_archive(zf, source, _archive_size(zf))
+    prefix = pkl[0][: -len("data.pkl")]
+    return _guarded_load(unpickler_cls(_read_record(zf, pkl[0], source), zf, prefix, source), source)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _torch_refusal(e: BaseException) -> str:
+    import re
+
+    m = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return f"torch's restricted loader refuses '{m.group(1)}'" if m else _reason(e)
+
+
+def _scan_legacy(path: Path) -> None:
+    """Dry-run a legacy (non-zip) checkpoint: globals, storage declarations against the bytes in the file."""
+    source = str(path)
+    claims: dict[str, tuple[int, torch.dtype]] = {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        magic = _guarded_load(_LegacyScanUnpickler(mm, source, claims), source)
+        if magic != _LEGACY_MAGIC_NUMBER:
+            raise ModelFileError(f"{source}: a pickle file, not a PyTorch checkpoint (no PyTorch magic number)")
+        if _guarded_load(_LegacyScanUnpickler(mm, source, claims), source) != _LEGACY_PROTOCOL_VERSION:
+            raise ModelFileError(f"{source}: legacy PyTorch checkpoint of an unknown protocol version")
+        _guarded_load(_LegacyScanUnpickler(mm, source, claims), source)  # sys_info
+        _guarded_load(_LegacyScanUnpickler(mm, source, claims), source)  # the object (dry run)
+        keys = _guarded_load(_LegacyScanUnpickler(mm, source, claims), source)
+        if not (isinstance(keys, list) and all(type(k) is str for k in keys)) or set(keys) != set(claims):
+            raise ModelFileError(f"{source}: legacy checkpoint's storage list does not match its tensors")
+        pos = mm.tell()
+        for key in keys:
+            numel, dtype = claims[key]
+            head = mm[pos: pos + 8]
+            if len(head) != 8 or struct.unpack("<q", head)[0] != numel:
+                raise ModelFileError(f"{source}: legacy storage '{key}' declares {numel} elements but its data "
+                                     "record disagrees (truncated or corrupt file)")
+            pos += 8 + numel * torch._utils._element_size(dtype)
+            if pos > len(mm):
+                raise ModelFileError(f"{source}: legacy storage '{key}' declares {numel} elements, past the end of "
+                                     f"the {len(mm)}-byte file")
+
+
+def _load_zip(path: Path) -> Any:
+    source = str(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            _check_archive(zf, source, path.stat().st_size)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        if isinstance(e, OSDFaceError):
+            raise
+        raise ModelFileError(f"{source}: not a readable PyTorch checkpoint (corrupt zip archive: {_reason(e)})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # configuration objects (Lightning, ...) or code: our own reader decides
+        try:
+            with zipfile.ZipFile(path) as zf:
+                return _load_archive_pickle(zf, source)
+        except zipfile.BadZipFile as e:
+            raise ModelFileError(f"{source}: not a readable PyTorch checkpoint ({_reason(e)})") from None
+    except _MALFORMED as e:
+        raise ModelFileError(f"{source}: not a readable PyTorch checkpoint ({_reason(e)})") from None
+    check_loaded_tensors(obj, source)
+    return obj
+
+
+def _load_legacy(path: Path) -> Any:
+    _scan_legacy(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except _MALFORMED as e:
+        raise ModelFileError(f"{path}: legacy (non-zip) PyTorch checkpoint not readable ({_torch_refusal(e)}); "
+                             "re-save it with torch.save's default (zip) format") from None
+    check_loaded_tensors(obj, str(path))
+    return obj
 
 
 def load_torch_checkpoint(path: str | os.PathLike) -> Any:
     """Load a foreign ``.pth`` / ``.ckpt`` on the CPU without executing code from it.
 
+    Sizes, strides and records are checked before tensors are allocated (module docstring).
+
     Raises:
-        FileNotFoundError: no such file.
+        WeightsNotFoundError: no such file (a ``FileNotFoundError``).
         UnsafeCheckpointError: the file references code (functions, non-configuration classes).
-        ValueError: the file is not a readable PyTorch checkpoint.
+        ModelFileError: the file is not a readable, plausible PyTorch checkpoint (a ``ValueError``);
+            the message names the file and says what it is or which tensor is implausible.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise WeightsNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise ModelFileError(f"{path}: not a PyTorch checkpoint (the file is empty)")
+    if zipfile.is_zipfile(path):
+        return _load_zip(path)
+    if head[:4] == b"PK\x03\x04":
+        raise ModelFileError(f"{path}: not a readable PyTorch checkpoint (a truncated or corrupt zip archive)")
+    if head[:1] == b"\x80":
+        return _load_legacy(path)
+    if tarfile.is_tarfile(path):
+        raise ModelFileError(f"{path}: a tar-format checkpoint (PyTorch < 0.4) is not supported; "
+                             "re-save it with a current PyTorch")
+    raise ModelFileError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle: "
+                         "random bytes or a truncated file)")
+
+
+def load_torch_checkpoint_bytes(data: bytes, source: str) -> Any:
+    """:func:`load_torch_checkpoint` for an in-memory zip checkpoint (e.g. a file inside a wheel).
+
+    Raises:
+        UnsafeCheckpointError, ModelFileError: as :func:`load_torch_checkpoint`, naming ``source``.
+    """
+    buf = io.BytesIO(data)
+    if not zipfile.is_zipfile(buf):
+        raise ModelFileError(f"{source}: not a PyTorch zip checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as first_error:
-        if not zipfile.is_zipfile(path):
-            raise UnsafeCheckpointError(
-                f"{path}: refusing to load: {first_error}".split("\n")[0]
-            ) from None
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
-    return _restricted_zip_load(path)
+        with zipfile.ZipFile(buf) as zf:
+            _check_archive(zf, source, len(data))
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            return _load_archive_pickle(zf, source)
+    except OSDFaceError:
+        raise
+    except _MALFORMED as e:
+        raise ModelFileError(f"{source}: not a readable PyTorch checkpoint ({_reason(e)})") from None
+    check_loaded_tensors(obj, source)
+    return obj

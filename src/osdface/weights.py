@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import WeightsNotFoundError
+from .errors import ModelFileError, WeightsNotFoundError
 from .safe_load import load_safetensors, load_torch_checkpoint
 
 OFFICIAL_VRE_FILE = "associate_2.ckpt"
@@ -97,6 +97,11 @@ def find_official_files(weights_dir: str | os.PathLike) -> OfficialFiles:
 
 
 def _check_keys(source: Path, got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Keys and shapes of ``got`` against a model's state dict (``expected`` may live on ``meta``).
+
+    Raises:
+        ModelFileError: missing / unexpected keys or shape mismatches, the first few of each named.
+    """
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     wrong = sorted(k for k in set(got) & set(expected) if tuple(got[k].shape) != tuple(expected[k].shape))
@@ -111,31 +116,62 @@ def _check_keys(source: Path, got: dict[str, torch.Tensor], expected: dict[str, 
                 "shape mismatches: "
                 + ", ".join(f"{k} {tuple(got[k].shape)} != {tuple(expected[k].shape)}" for k in wrong[:5])
             )
-        raise ValueError(f"{source}: weights do not match the model: " + "; ".join(parts))
+        raise ModelFileError(f"{source}: weights do not match the model: " + "; ".join(parts))
+
+
+def check_release_tensors(source: Path, sd: dict, what: str) -> None:
+    """Every entry of an official release state dict is a finite floating-point tensor.
+
+    The check reads each tensor once (cheap next to loading it: ~30 ms for the 29 M-parameter VRE);
+    it is not applied to the multi-GB SD base model.
+
+    Raises:
+        ModelFileError: naming ``source`` and the first key (in file order) that is not a string,
+            not a tensor, not floating point, or holds NaN / Inf.
+    """
+    for k, v in sd.items():
+        if not isinstance(k, str):
+            raise ModelFileError(f"{source}: {what} key {k!r:.60} is not a string")
+        if not isinstance(v, torch.Tensor):
+            raise ModelFileError(f"{source}: '{k}' is a {type(v).__name__}, not a tensor")
+        if not v.is_floating_point():
+            raise ModelFileError(f"{source}: '{k}' has dtype {v.dtype}; {what} weights must be floating point")
+    for k, v in sd.items():
+        if not bool(torch.isfinite(v).all()):
+            raise ModelFileError(f"{source}: '{k}' contains NaN or Inf values; the {what} file is broken")
 
 
 def load_official_vre_state_dict(path: str | os.PathLike, expected: dict[str, torch.Tensor] | None = None):
     """Read ``associate_2.ckpt``: keep ``vqvae_LQ.*`` minus the decoder, strip the prefix (spec §3.1).
 
     ``vqvae_LQ.post_quant_conv.*`` (kept by the official filter, ignored there by ``strict=False``)
-    is dropped here explicitly. With ``expected`` (the model's state dict), keys and shapes are
-    checked strictly.
+    is dropped here explicitly. The kept tensors must be finite floating-point tensors. With
+    ``expected`` (the model's state dict), keys and shapes are checked strictly.
+
+    Raises:
+        WeightsNotFoundError: no such file.
+        UnsafeCheckpointError: the file references code.
+        ModelFileError: unreadable or implausible file, no ``vqvae_LQ.*`` tensors, bad values,
+            key/shape mismatch; the message names the file (and the key).
     """
     path = Path(path)
     ckpt = load_torch_checkpoint(path)
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a checkpoint dict with a 'state_dict' entry")
+        raise ModelFileError(f"{path}: expected a checkpoint dict with a 'state_dict' entry, "
+                             f"found {type(ckpt if sd is None else sd).__name__}")
     prefix = "vqvae_LQ."
     out = {
         k[len(prefix):]: v
         for k, v in sd.items()
-        if k.startswith(prefix)
+        if isinstance(k, str)
+        and k.startswith(prefix)
         and not k.startswith(prefix + "decoder")
         and not k.startswith(prefix + "post_quant_conv")
     }
     if not out:
-        raise ValueError(f"{path}: no 'vqvae_LQ.*' tensors found; is this the OSDFace associate_2.ckpt?")
+        raise ModelFileError(f"{path}: no 'vqvae_LQ.*' tensors found; is this the OSDFace associate_2.ckpt?")
+    check_release_tensors(path, out, "VRE")
     if expected is not None:
         _check_keys(path, out, expected)
     return out
@@ -145,8 +181,13 @@ def load_official_vre(path: str | os.PathLike, vre_config: dict | None = None):
     """A :class:`~osdface.models.VisualPromptEncoder` from an ``associate_2.ckpt``-layout file.
 
     The file is read once; the architecture comes from ``vre_config`` or, by default, from the
-    tensor shapes (``infer_vre_config``: the released architecture for the released file). Keys and
-    shapes are checked strictly, with errors naming the file.
+    tensor shapes (``infer_vre_config``: the released architecture for the released file, within
+    ``VRE_BOUNDS``). Keys and shapes are checked strictly against a ``meta``-device skeleton
+    *before* the real model is allocated, so the model is never larger than the file's tensors.
+
+    Raises:
+        WeightsNotFoundError, UnsafeCheckpointError, ModelFileError: see
+            :func:`load_official_vre_state_dict`; also implausible architectures (key, shape, bound).
     """
     from .models.prompt_encoder import VisualPromptEncoder, infer_vre_config
 
@@ -156,26 +197,47 @@ def load_official_vre(path: str | os.PathLike, vre_config: dict | None = None):
         try:
             vre_config = infer_vre_config(sd)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise ModelFileError(f"{path}: {e}") from None
+        try:
+            with torch.device("meta"):
+                skeleton = VisualPromptEncoder(**vre_config)
+        except (ValueError, RuntimeError) as e:  # e.g. widths GroupNorm(32) cannot split
+            raise ModelFileError(f"{path}: the VRE architecture read from its tensor shapes cannot be built ({e})") from None
+    else:
+        with torch.device("meta"):
+            skeleton = VisualPromptEncoder(**vre_config)
+    _check_keys(path, sd, skeleton.state_dict())
     vre = VisualPromptEncoder(**vre_config)
-    _check_keys(path, sd, vre.state_dict())
     vre.load_state_dict(sd, strict=True)
     return vre
 
 
 def load_official_adapter_state_dict(path: str | os.PathLike, expected: dict[str, torch.Tensor] | None = None):
-    """Read ``embedding_change_weights.pth`` (a plain 4-tensor state dict)."""
+    """Read ``embedding_change_weights.pth`` (a plain 4-tensor state dict of finite float tensors).
+
+    Raises:
+        WeightsNotFoundError, UnsafeCheckpointError, ModelFileError: as
+            :func:`load_official_vre_state_dict`.
+    """
     path = Path(path)
     sd = load_torch_checkpoint(path)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors")
+    if not isinstance(sd, dict):
+        raise ModelFileError(f"{path}: expected a state dict of tensors, found {type(sd).__name__}")
+    check_release_tensors(path, sd, "prompt adapter")
     if expected is not None:
         _check_keys(path, sd, expected)
     return dict(sd)
 
 
 def load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a LoRA ``.safetensors`` file (memory-mapped)."""
-    return load_safetensors(path, what="LoRA")
+    """Read a LoRA ``.safetensors`` file (memory-mapped); its tensors must be finite floats.
+
+    Raises:
+        WeightsNotFoundError: no such file.
+        ModelFileError: not a valid safetensors file, or a non-float / non-finite tensor (key named).
+    """
+    sd = load_safetensors(path, what="LoRA")
+    check_release_tensors(Path(path), sd, "LoRA")
+    return sd

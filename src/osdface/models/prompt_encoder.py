@@ -91,29 +91,101 @@ def vre_preprocess(x: torch.Tensor, resolution: int, input_normalization: InputN
     return x
 
 
+#: Plausibility bounds for a VRE architecture read back from a checkpoint's tensor shapes
+#: (:func:`infer_vre_config`), checked before anything is built. The release (spec §2.2) has a
+#: 1024 × 512 dictionary, widths 64…512 (``ch=64``, ``ch_mult`` up to 8, ``z_channels=512``),
+#: 6 levels, 2 ResBlocks per level and RGB input; the tiny test VRE (``osdface.testing``) has
+#: 16 × 32 and widths 32…64. The bounds are far above any VRE our training produces and refuse
+#: absurd claims (a 24-million-entry dictionary, say). Keys: ``n_embed`` (dictionary entries),
+#: ``embed_dim`` (entry width), ``channels`` (any encoder width), ``in_channels``, ``levels``
+#: (``len(ch_mult)``; the input resolution is ``16 · 2^(attention level)``), ``num_res_blocks``.
+VRE_BOUNDS = {
+    "n_embed": 65536,
+    "embed_dim": 4096,
+    "channels": 4096,
+    "in_channels": 16,
+    "levels": 8,
+    "num_res_blocks": 16,
+}
+
+
+def _shape(state_dict: dict[str, torch.Tensor], key: str, ndim: int) -> tuple[int, ...]:
+    try:
+        t = state_dict[key]
+    except KeyError:
+        raise ValueError(f"not a VRE state dict: missing {key}") from None
+    shape = tuple(getattr(t, "shape", ()))
+    if len(shape) != ndim:
+        raise ValueError(f"'{key}' has shape {shape}; a {ndim}-d tensor is expected")
+    return shape
+
+
+def _bounded(value: int, bound_key: str, key: str, shape: tuple[int, ...], what: str) -> int:
+    bound = VRE_BOUNDS[bound_key]
+    if not 1 <= value <= bound:
+        raise ValueError(
+            f"'{key}' has shape {shape}: {value} {what} is outside 1..{bound} (VRE_BOUNDS['{bound_key}'])"
+        )
+    return value
+
+
+def _indices(state_dict: dict[str, torch.Tensor], prefix: str, position: int) -> set[int]:
+    """The integers at dot-position ``position`` of the keys starting with ``prefix``."""
+    out = set()
+    for k in state_dict:
+        if k.startswith(prefix):
+            parts = k.split(".")
+            if len(parts) <= position or not parts[position].isdigit() or len(parts[position]) > 6:
+                raise ValueError(f"unexpected key '{k}' in a VRE state dict")
+            out.add(int(parts[position]))
+    return out
+
+
 def infer_vre_config(state_dict: dict[str, torch.Tensor]) -> dict:
     """Recover the VRE architecture from its (prefix-stripped) state dict.
 
-    Widths, depth, dictionary size and attention placement are read from tensor shapes. The input
-    resolution follows the official convention that attention sits at the 16×16 level
-    (``resolution = 16 · 2^level``); this gives 512 for the release. ``head_size`` and
-    ``num_tokens`` cannot be seen in the weights and keep their defaults (1, 77).
+    Widths, depth, dictionary size and attention placement are read from tensor shapes and checked
+    against :data:`VRE_BOUNDS` (nothing is allocated here). The input resolution follows the
+    official convention that attention sits at the 16×16 level (``resolution = 16 · 2^level``);
+    this gives 512 for the release. ``head_size`` and ``num_tokens`` cannot be seen in the weights
+    and keep their defaults (1, 77).
+
+    Raises:
+        ValueError: a key is missing, a shape has the wrong rank, or a size is outside
+            :data:`VRE_BOUNDS`; the message names the key, its shape and the bound.
     """
-    try:
-        emb = state_dict["quantize.embedding.weight"]
-        conv_in = state_dict["encoder.conv_in.weight"]
-        z_channels = state_dict["encoder.conv_out.weight"].shape[0]
-    except KeyError as e:
-        raise ValueError(f"not a VRE state dict: missing {e.args[0]}") from None
-    ch = conv_in.shape[0]
-    levels = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down."))
-    ch_mult = tuple(state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
-    num_res_blocks = 1 + max(int(k.split(".")[4]) for k in state_dict if k.startswith("encoder.down.0.block."))
-    attn_levels = sorted({int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.down.") and ".attn." in k})
+    emb_key, in_key, out_key = "quantize.embedding.weight", "encoder.conv_in.weight", "encoder.conv_out.weight"
+    emb, conv_in, conv_out = _shape(state_dict, emb_key, 2), _shape(state_dict, in_key, 4), _shape(state_dict, out_key, 4)
+    n_embed = _bounded(emb[0], "n_embed", emb_key, emb, "dictionary entries")
+    embed_dim = _bounded(emb[1], "embed_dim", emb_key, emb, "entry width")
+    ch = _bounded(conv_in[0], "channels", in_key, conv_in, "channels")
+    in_channels = _bounded(conv_in[1], "in_channels", in_key, conv_in, "input channels")
+    z_channels = _bounded(conv_out[0], "channels", out_key, conv_out, "channels")
+    down = _indices(state_dict, "encoder.down.", 2)
+    if not down:
+        raise ValueError("not a VRE state dict: no encoder.down.* keys")
+    levels = 1 + max(down)
+    if levels > VRE_BOUNDS["levels"]:
+        raise ValueError(f"'encoder.down.{levels - 1}.*' means {levels} levels, over the bound of "
+                         f"{VRE_BOUNDS['levels']} (VRE_BOUNDS['levels'])")
+    ch_mult = []
+    for i in range(levels):
+        key = f"encoder.down.{i}.block.0.conv1.weight"
+        shape = _shape(state_dict, key, 4)
+        width = _bounded(shape[0], "channels", key, shape, "channels")
+        if width % ch:
+            raise ValueError(f"'{key}' has shape {shape}: {width} channels is not a multiple of ch={ch}")
+        ch_mult.append(width // ch)
+    blocks = _indices(state_dict, "encoder.down.0.block.", 4)
+    num_res_blocks = 1 + max(blocks) if blocks else 0
+    if not 1 <= num_res_blocks <= VRE_BOUNDS["num_res_blocks"]:
+        raise ValueError(f"'encoder.down.0.block.*' means {num_res_blocks} ResBlocks per level, outside "
+                         f"1..{VRE_BOUNDS['num_res_blocks']} (VRE_BOUNDS['num_res_blocks'])")
+    attn_levels = sorted(i for i in down if any(k.startswith(f"encoder.down.{i}.attn.") for k in state_dict))
     resolution = 16 * 2 ** attn_levels[0] if attn_levels else 16 * 2 ** (levels - 1)
     return dict(
-        n_embed=emb.shape[0], embed_dim=emb.shape[1], ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-        attn_resolutions=tuple(resolution // 2**i for i in attn_levels), in_channels=conv_in.shape[1],
+        n_embed=n_embed, embed_dim=embed_dim, ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
+        attn_resolutions=tuple(resolution // 2**i for i in attn_levels), in_channels=in_channels,
         resolution=resolution, z_channels=z_channels,
         enable_mid=any(k.startswith("encoder.mid.") for k in state_dict),
     )
