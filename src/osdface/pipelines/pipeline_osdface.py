@@ -24,8 +24,17 @@ import torch
 import torch.nn.functional as F
 
 from ..constants import TIMESTEP
-from ..errors import DeviceError
+from ..errors import DeviceError, ModelFileError, NonFiniteOutputError, OSDFaceError
 from ..image import ImageError, from_model_range, to_model_range, to_pil, to_tensor, to_uint8
+from ..model_limits import (
+    check_finite_weights,
+    check_lora_config,
+    check_model_folder_configs,
+    check_scheduler_config,
+    check_unet_config,
+    check_vae_config,
+    read_config,
+)
 from ..models.lean_decode import DEFAULT_BAND_MB, lean_vae_decode
 from ..models.lora import merge_lora_into
 from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder
@@ -99,6 +108,11 @@ class OSDFacePipeline:
         scheduler: any diffusers scheduler exposing ``alphas_cumprod`` (only that is used).
         timestep: the fixed UNet timestep (399).
         resolution: side the crops are processed at (default: the VRE's resolution, 512 for the release).
+
+    Attributes:
+        source: where the weights were loaded from (a model folder, or the SD 2.1-base folder + the
+            official weights folder); named by :class:`~osdface.errors.NonFiniteOutputError`.
+            ``None`` for a pipeline built from modules in memory.
     """
 
     def __init__(self, vae, unet, vre: VisualPromptEncoder, prompt_adapter: PromptAdapter, scheduler,
@@ -113,6 +127,7 @@ class OSDFacePipeline:
         self._side_streams: dict = {}
         self.lean_band_mb = DEFAULT_BAND_MB
         self._channels_last = False
+        self.source: str | None = None
         for m in self.modules().values():
             m.eval()
             m.requires_grad_(False)
@@ -290,21 +305,41 @@ class OSDFacePipeline:
         x0 = (z_lq.to(calc).double() - beta**0.5 * eps.to(calc).double()) / alpha**0.5
         return x0.float().to(dev)
 
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Latent → image in [0, 1] (step 7)."""
+    def decode(self, x0: torch.Tensor, check_finite: bool = False) -> torch.Tensor:
+        """Latent → image in [0, 1] (step 7); ``check_finite`` checks the decoder output before
+        the clamp (which would hide ±Inf) and raises :class:`NonFiniteOutputError`."""
         z = x0.to(self.dtype) / self.vae.config.scaling_factor
         lean = self.lean_decode if self.lean_decode is not None else z.device.type == "cpu"
         parts = [lean_vae_decode(self.vae, c, self.lean_band_mb) if lean else self.vae.decode(c).sample
                  for c in self._vae_chunks(z)]
-        img = (parts[0] if len(parts) == 1 else torch.cat(parts)).clamp(-1, 1)
-        return from_model_range(img).clamp(0.0, 1.0)
+        img = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if check_finite:
+            self.check_finite(img, "VAE decoder output")
+        return from_model_range(img.clamp(-1, 1)).clamp(0.0, 1.0)
+
+    def check_finite(self, x: torch.Tensor, stage: str) -> None:
+        """Raise :class:`NonFiniteOutputError` if ``x`` holds NaN/Inf (one reduction, one sync).
+
+        The message names the files the pipeline was loaded from (:attr:`source`) and the stage;
+        NaN weights would otherwise turn every output into a silent all-black image.
+        """
+        if bool(torch.isfinite(x).all()):
+            return
+        where = self.source if self.source is not None else "the pipeline's weights (built in memory)"
+        hint = " or overflow in this precision (try float32: --dtype fp32)" if x.dtype != torch.float32 else ""
+        raise NonFiniteOutputError(
+            f"{where}: the {stage} contains NaN/Inf values: the model weights are broken{hint}"
+        )
 
     def restore_tensor(self, lq: torch.Tensor, latent: LatentMode = "mode",
-                       generator: torch.Generator | None = None, return_indices: bool = False):
+                       generator: torch.Generator | None = None, return_indices: bool = False,
+                       check_finite: bool = False):
         """Steps 3–7 on a model-space batch; differentiable (no ``no_grad`` here; training reuses it).
 
         Args:
             lq: ``(B, 3, R, R)`` in [-1, 1].
+            check_finite: raise :class:`NonFiniteOutputError` when the predicted latent ẑ or the
+                decoder output holds NaN/Inf (two reductions; :meth:`__call__` turns it on).
 
         Returns:
             ``(B, 3, R, R)`` float in [0, 1] (and the prompt indices when asked).
@@ -313,7 +348,10 @@ class OSDFacePipeline:
         self._between_stages(z)
         eps = self.unet(z, self.timestep, encoder_hidden_states=prompt.to(z.dtype)).sample
         self._between_stages(eps)
-        out = self.decode(self.predict_x0(z, eps))
+        x0 = self.predict_x0(z, eps)
+        if check_finite:
+            self.check_finite(x0, "predicted latent (VAE encoder, prompt or UNet)")
+        out = self.decode(x0, check_finite=check_finite)
         self._between_stages(out)
         return (out, idx) if return_indices else out
 
@@ -331,9 +369,14 @@ class OSDFacePipeline:
             latent: ``"mode"`` (deterministic) or ``"sample"`` (official behaviour; use ``generator``).
             generator: RNG for ``latent="sample"``.
             rounding: float → uint8 for ``"np"``/``"pil"``: ``"round"`` or ``"truncate"`` (official).
+
+        Raises:
+            ImageError: inputs that are not RGB images in [0, 1] or not square.
+            NonFiniteOutputError: the model produced NaN/Inf (broken weights); names :attr:`source`.
         """
         lq = self.preprocess(images)
-        out, idx = self.restore_tensor(lq, latent=latent, generator=generator, return_indices=True)
+        out, idx = self.restore_tensor(lq, latent=latent, generator=generator, return_indices=True,
+                                       check_finite=True)
         out = out.float()
         if output_type == "np":
             result: Any = to_uint8(out, rounding)
@@ -365,26 +408,38 @@ class OSDFacePipeline:
             lora_alpha: LoRA alpha when the file carries none (default: = rank, scale 1.0).
             vre_config: VRE architecture (default: read from the checkpoint's tensor shapes, which
                 gives the released architecture for the released file).
+
+        Raises:
+            WeightsNotFoundError: a folder or file is missing.
+            ModelFileError: a base-model config is malformed or outside :data:`osdface.model_limits.LIMITS`,
+                diffusers cannot load ``unet/``, ``vae/`` or ``scheduler/`` (named), or the LoRA file
+                is malformed or holds NaN/Inf.
+            LoraFormatError: the LoRA's keys or shapes do not fit the UNet (naming the file).
+            ValueError: an official checkpoint does not match the model (from :mod:`osdface.weights`).
+            UnsafeCheckpointError: an official checkpoint references code.
         """
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
         base = check_base_model_dir(base_model)
         files = find_official_files(weights)
+        unet_cfg = _read_component_config(base, "unet")
+        vae_cfg = _read_component_config(base, "vae")
+        sched_cfg = _read_component_config(base, "scheduler")
+        check_unet_config(unet_cfg, base / "unet" / _CONFIG_NAMES["unet"])
+        check_vae_config(vae_cfg, base / "vae" / _CONFIG_NAMES["vae"])
+        check_scheduler_config(sched_cfg, base / "scheduler" / _CONFIG_NAMES["scheduler"])
+        _check_declared_size(UNet2DConditionModel, unet_cfg, base, "unet")
+        _check_declared_size(AutoencoderKL, vae_cfg, base, "vae")
         vre = load_official_vre(files.vre, vre_config)
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", local_files_only=True)
+        unet = _load_component(UNet2DConditionModel, base, "unet")
         adapter = PromptAdapter(vre.config.embed_dim, unet.config.cross_attention_dim)
         adapter.load_state_dict(load_official_adapter_state_dict(files.adapter, expected=adapter.state_dict()),
                                 strict=True)
-        lora = load_lora_file(files.lora)
-        if fuse_lora:
-            merge_lora_into(unet, lora, lora_alpha=lora_alpha, source=str(files.lora))
-        else:
-            from ..models.lora import attach_lora
-
-            attach_lora(unet, lora, lora_alpha=lora_alpha)
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", local_files_only=True)
-        scheduler = DDIMScheduler.from_pretrained(base, subfolder="scheduler", local_files_only=True)
+        _apply_lora(unet, files.lora, lora_alpha, fuse_lora)
+        vae = _load_component(AutoencoderKL, base, "vae")
+        scheduler = _load_component(DDIMScheduler, base, "scheduler")
         pipe = cls(vae, unet, vre, adapter, scheduler)
+        pipe.source = f"{base} + {files.lora.parent}"
         if device is not None or torch_dtype is not None:
             pipe.to(device, torch_dtype)
         return pipe
@@ -392,7 +447,24 @@ class OSDFacePipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, torch_dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None, fuse_lora: bool = True) -> OSDFacePipeline:
-        """Load a model folder written by :meth:`save_pretrained` / ``osdface convert``."""
+        """Load a model folder written by :meth:`save_pretrained` / ``osdface convert``.
+
+        Everything cheap is checked before anything is built: every JSON config is parsed and
+        checked against :data:`osdface.model_limits.LIMITS` and against the others (latent
+        channels, cross-attention width, token width, resolution, timestep); each component's
+        declared size (built on the ``meta`` device) must fit in its weights file; each
+        safetensors header must parse. After loading, the small weights (VRE, prompt adapter,
+        LoRA) are checked for NaN/Inf. Only safetensors files are ever read.
+
+        Raises:
+            WeightsNotFoundError: no ``model_index.json``, or a component folder, config or
+                weights file is missing.
+            ModelFileError: a config is malformed, has wrong types, misses a field, is outside
+                the bounds or inconsistent with another config; a weights file is not valid
+                safetensors, is too small for its config, holds NaN/Inf (small weights), or
+                diffusers cannot load it (size mismatch, ...). The message names the file.
+            LoraFormatError: the LoRA's keys or shapes do not fit the UNet (naming the file).
+        """
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
         path = Path(path).expanduser()
@@ -403,31 +475,38 @@ class OSDFacePipeline:
                 "'osdface convert --base-model SD_DIR --weights OSDFACE_DIR -o MODEL_DIR', or pass "
                 "--base-model and --weights to use the official files directly."
             )
-        index = json.loads(index_file.read_text())
+        index = read_config(index_file, "model index")
+        class_name = index.get("_class_name", "OSDFacePipeline")
+        if class_name != "OSDFacePipeline":
+            raise ModelFileError(
+                f"{index_file}: _class_name is {class_name!r}, not 'OSDFacePipeline'; this is not an osdface "
+                "model folder (an SD 2.1-base folder goes to --base-model, with --weights)"
+            )
         missing = [name for name in _COMPONENTS if not (path / name).is_dir()]
+        missing += [f"{name}/{_CONFIG_NAMES[name]}" for name in _COMPONENTS
+                    if name not in missing and not (path / name / _CONFIG_NAMES[name]).is_file()]
+        missing += [f"{name}/{WEIGHTS_NAME}" for name in _WEIGHTED
+                    if (path / name).is_dir() and not (path / name / WEIGHTS_NAME).is_file()]
         if missing:
-            raise WeightsNotFoundError(f"{path}: model folder is incomplete, missing {', '.join(missing)}/")
-        kw = {"local_files_only": True}
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        lora_file = path / LORA_SUBFOLDER / LORA_WEIGHTS_NAME
-        if lora_file.is_file():
-            lora_cfg = json.loads((path / LORA_SUBFOLDER / "adapter_config.json").read_text())
-            lora = load_lora_file(lora_file)
-            if fuse_lora:
-                merge_lora_into(unet, lora, lora_alpha=lora_cfg.get("lora_alpha"), source=str(lora_file))
-            else:
-                from ..models.lora import attach_lora
+            raise WeightsNotFoundError(f"{path}: model folder is incomplete, missing {', '.join(missing)}")
+        configs = {name: (path / name / _CONFIG_NAMES[name], _read_component_config(path, name))
+                   for name in _COMPONENTS}
+        timestep, resolution = check_model_folder_configs(index, index_file, configs)
+        lora_file, lora_alpha = _lora_files(path)
+        for name, klass in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("vre", VisualPromptEncoder),
+                            ("prompt_adapter", PromptAdapter)):
+            _check_declared_size(klass, configs[name][1], path, name)
 
-                attach_lora(unet, lora, lora_alpha=lora_cfg.get("lora_alpha"))
-        pipe = cls(
-            AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
-            unet,
-            VisualPromptEncoder.from_pretrained(path, subfolder="vre", **kw),
-            PromptAdapter.from_pretrained(path, subfolder="prompt_adapter", **kw),
-            DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
-            timestep=index.get("timestep", TIMESTEP),
-            resolution=index.get("resolution"),
-        )
+        unet = _load_component(UNet2DConditionModel, path, "unet")
+        if lora_file is not None:
+            _apply_lora(unet, lora_file, lora_alpha, fuse_lora)
+        vre = _load_component(VisualPromptEncoder, path, "vre")
+        adapter = _load_component(PromptAdapter, path, "prompt_adapter")
+        for name, module in (("vre", vre), ("prompt_adapter", adapter)):
+            check_finite_weights(module.state_dict(), path / name / WEIGHTS_NAME)
+        pipe = cls(_load_component(AutoencoderKL, path, "vae"), unet, vre, adapter,
+                   _load_component(DDIMScheduler, path, "scheduler"), timestep=timestep, resolution=resolution)
+        pipe.source = str(path)
         if device is not None or torch_dtype is not None:
             pipe.to(device, torch_dtype)
         return pipe
@@ -484,3 +563,98 @@ def _save_base_unet(unet, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     unet.save_config(folder)
     save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+
+# ----------------------------------------------------------------------- model-folder loading
+#: the weights file of each module subfolder (diffusers' name; only safetensors are read)
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+_WEIGHTED = ("vae", "unet", "vre", "prompt_adapter")
+_CONFIG_NAMES = {"vae": "config.json", "unet": "config.json", "vre": "config.json", "prompt_adapter": "config.json",
+                 "scheduler": "scheduler_config.json"}
+_WHAT = {"vae": "VAE", "unet": "UNet", "vre": "visual prompt encoder", "prompt_adapter": "prompt adapter",
+         "scheduler": "scheduler"}
+#: what diffusers' loaders raise for a corrupted folder (bad JSON → OSError, size mismatch →
+#: ValueError/RuntimeError, missing config entries → KeyError/TypeError, unknown schedule →
+#: NotImplementedError, a RuntimeError)
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError)
+
+
+def _reason(e: BaseException) -> str:
+    """First non-empty line of an exception's message (diffusers' messages run over several lines)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _read_component_config(root: Path, name: str) -> dict:
+    """``root/name/<config>.json`` parsed; :class:`ModelFileError` naming it when malformed."""
+    return read_config(root / name / _CONFIG_NAMES[name], f"{_WHAT[name]} config")
+
+
+def _check_declared_size(klass, cfg: dict, root: Path, name: str) -> None:
+    """The component declared by ``cfg`` must fit in its weights: built on the ``meta`` device (no
+    memory), its parameter count × 2 bytes (16-bit storage) may not exceed the safetensors bytes
+    in ``root/name``; each safetensors header must parse. Run after the bounds check of ``cfg``."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = root / name
+    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
+    if not files:
+        raise WeightsNotFoundError(f"{folder}: no {WEIGHTS_NAME} (only safetensors weights are read)")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ModelFileError(f"{f}: not a valid safetensors file ({_reason(e)})") from None
+    config_file = folder / _CONFIG_NAMES[name]
+    try:
+        with torch.device("meta"):
+            model = klass.from_config(cfg)
+    except _LOAD_ERRORS as e:
+        raise ModelFileError(f"{config_file}: cannot build the {_WHAT[name]} from it: {_reason(e)}") from e
+    numel = sum(p.numel() for p in model.parameters())
+    stored = sum(f.stat().st_size for f in files)
+    if numel * 2 > stored:
+        raise ModelFileError(
+            f"{config_file}: declares a {_WHAT[name]} of {numel} parameters (at least {numel * 2 / 2**20:.1f} MiB "
+            f"in 16 bits) but {folder} holds only {stored / 2**20:.1f} MiB of weights"
+        )
+
+
+def _load_component(klass, root: Path, name: str):
+    """``klass.from_pretrained(root, subfolder=name)``, local safetensors only; diffusers' errors
+    (:data:`_LOAD_ERRORS`) become :class:`ModelFileError` naming the subfolder."""
+    kw: dict[str, Any] = {"local_files_only": True}
+    if name != "scheduler":
+        kw["use_safetensors"] = True
+    try:
+        return klass.from_pretrained(root, subfolder=name, **kw)
+    except OSDFaceError:
+        raise
+    except _LOAD_ERRORS as e:
+        raise ModelFileError(f"{root / name}: cannot load the {_WHAT[name]}: {_reason(e)}") from e
+
+
+def _lora_files(path: Path) -> tuple[Path | None, float | None]:
+    """``(weights file, lora_alpha)`` of a model folder's ``unet_lora/``, or ``(None, None)`` without one."""
+    lora_dir = path / LORA_SUBFOLDER
+    if not lora_dir.exists():
+        return None, None
+    weights, cfg_file = lora_dir / LORA_WEIGHTS_NAME, lora_dir / "adapter_config.json"
+    missing = [p.name for p in (weights, cfg_file) if not p.is_file()]
+    if missing:
+        raise WeightsNotFoundError(f"{lora_dir}: LoRA folder is incomplete, missing {', '.join(missing)}")
+    return weights, check_lora_config(read_config(cfg_file, "LoRA adapter config"), cfg_file)
+
+
+def _apply_lora(unet, lora_file: Path, lora_alpha: float | None, fuse: bool) -> None:
+    """Read a LoRA file, refuse NaN/Inf, then merge it into ``unet`` (or attach it via peft)."""
+    from ..models.lora import attach_lora
+
+    lora = load_lora_file(lora_file)
+    check_finite_weights(lora, lora_file)
+    if fuse:
+        merge_lora_into(unet, lora, lora_alpha=lora_alpha, source=str(lora_file))
+    else:
+        attach_lora(unet, lora, lora_alpha=lora_alpha, source=str(lora_file))
