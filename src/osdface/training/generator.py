@@ -51,7 +51,7 @@ from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder
 from ..utils.io import atomic_path, write_text_atomic
 from ..utils.logging import get_logger
 from .checkpoint import resolve_checkpoint
-from .config import ConfigError, DataConfig, TrainConfig, dump_yaml, load_config
+from .config import ConfigError, DataConfig, TrainConfig, check_bounds, dump_yaml, load_config
 from .trainer import Trainer, TrainingTask
 
 logger = get_logger(__name__)
@@ -78,10 +78,7 @@ class GeneratorLoraConfig:
     init: Literal["default", "gaussian"] = "default"
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ConfigError(f"model.lora.rank must be ≥ 1, got {self.rank}")
-        if not self.targets:
-            raise ConfigError("model.lora.targets must not be empty")
+        check_bounds(self, "model.lora")
 
 
 @dataclass(frozen=True)
@@ -100,6 +97,12 @@ class LatentDiscriminatorConfig:
     lora_targets: tuple[str, ...] = DEFAULT_DISC_LORA_TARGETS
     t_min: int = 0
     t_max: int = 999
+
+    def __post_init__(self) -> None:
+        check_bounds(self, "model.discriminator")
+        if self.t_min > self.t_max:
+            raise ConfigError(f"model.discriminator.t_min ({self.t_min}) must be ≤ t_max ({self.t_max})",
+                              key="model.discriminator")
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,9 @@ class GeneratorModelConfig:
     attention: Literal["sdpa", "xformers", "classic"] = "sdpa"
     frozen_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
 
+    def __post_init__(self) -> None:
+        check_bounds(self, "model")
+
 
 @dataclass(frozen=True)
 class GeneratorLossConfig:
@@ -169,11 +175,7 @@ class GeneratorLossConfig:
     identity_pretrained: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("mse", "ea_dists", "identity", "gan"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"loss.{name} must be ≥ 0, got {getattr(self, name)}")
-        if self.d_every < 1:
-            raise ConfigError(f"loss.d_every must be ≥ 1, got {self.d_every}")
+        check_bounds(self, "loss")
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,9 @@ class GeneratorOptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0
     grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_bounds(self, "optim")
 
 
 @dataclass(frozen=True)
@@ -528,7 +533,8 @@ class GeneratorTask(TrainingTask):
         self._components = None  # do not keep a second reference to the big modules
         self.pipe, gen, disc = build_generator(cfg, components)
         if cfg.data.size != self.pipe.resolution:
-            raise ValueError(f"data.size ({cfg.data.size}) must equal the VRE resolution ({self.pipe.resolution})")
+            raise ConfigError(f"data.size ({cfg.data.size}) must equal the VRE resolution ({self.pipe.resolution})",
+                              key="data.size")
         self.pipe.to(acc.device)
         # losses (frozen networks, never in an optimiser)
         terms: dict[str, nn.Module] = {}

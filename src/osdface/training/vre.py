@@ -39,7 +39,7 @@ from ..models.vqgan import VQAutoencoder
 from ..utils.io import atomic_path
 from ..utils.logging import get_logger
 from .checkpoint import load_extra_tensors, resolve_checkpoint
-from .config import DataConfig, TrainConfig, dump_yaml, load_config
+from .config import ConfigError, DataConfig, TrainConfig, check_bounds, check_value, dump_yaml, load_config
 from .trainer import Trainer, TrainingTask
 
 logger = get_logger(__name__)
@@ -66,6 +66,10 @@ class VQGANConfig:
     head_size: int = 1
     input_normalization: Literal["official", "standard"] = "official"
 
+    def __post_init__(self) -> None:
+        check_bounds(self, "model.vqgan")
+        check_value("model.vqgan.ch × max(ch_mult)", self.ch * max(self.ch_mult), section="model.vqgan")
+
 
 @dataclass(frozen=True)
 class DiscriminatorConfig:
@@ -74,6 +78,9 @@ class DiscriminatorConfig:
     ndf: int = 64
     n_layers: int = 3
     norm: Literal["batch", "group", "none"] = "batch"
+
+    def __post_init__(self) -> None:
+        check_bounds(self, "model.discriminator")
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,9 @@ class VREModelConfig:
     init_lq: str | None = None
     train_hq: bool = True
 
+    def __post_init__(self) -> None:
+        check_bounds(self, "model")
+
 
 @dataclass(frozen=True)
 class VRELossConfig:
@@ -113,6 +123,9 @@ class VRELossConfig:
     assoc: float = 1.0
     assoc_logit_scale_init: float = CLIP_LOGIT_SCALE_INIT
     assoc_learnable_scale: bool = True
+
+    def __post_init__(self) -> None:
+        check_bounds(self, "loss")
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,9 @@ class OptimConfig:
     lr_milestones: tuple[int, ...] = ()
     lr_gamma: float = 0.1
     grad_clip: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_bounds(self, "optim")
 
 
 @dataclass(frozen=True)
@@ -579,8 +595,8 @@ def train_vre(cfg: VREExperiment, data: Sequence[str | os.PathLike] | Any, run_d
         ``{"step", "checkpoint", "export"}``.
     """
     if cfg.data.size != cfg.model.vqgan.resolution:
-        raise ValueError(f"data.size ({cfg.data.size}) must equal model.vqgan.resolution "
-                         f"({cfg.model.vqgan.resolution})")
+        raise ConfigError(f"data.size ({cfg.data.size}) must equal model.vqgan.resolution "
+                          f"({cfg.model.vqgan.resolution})", key="data.size")
     is_paths = isinstance(data, (str, os.PathLike)) or (
         isinstance(data, (list, tuple)) and all(isinstance(d, (str, os.PathLike)) for d in data))
     dataset = build_dataset(cfg, [data] if isinstance(data, (str, os.PathLike)) else data) if is_paths else data
