@@ -1,36 +1,58 @@
-"""Helpers shared by CLI subcommands: input expansion, model loading flags, error reporting."""
+"""Helpers shared by CLI subcommands: input expansion, output-path checks, model loading flags, errors."""
 
 from __future__ import annotations
 
 import argparse
 import glob
 import os
+import re
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..constants import IMAGE_EXTENSIONS
-from ..errors import OSDFaceError
+from ..errors import OSDFaceError, OutputPathError
+from ..utils.io import clean_stale_temps, is_temp_name
 
 
 class CLIError(OSDFaceError):
     """A usage or set-up problem: printed without a traceback, exit code 2."""
 
 
+def _scanned(p: Path, extensions) -> bool:
+    """A folder entry that counts as an input image: a file with an image suffix, not hidden.
+
+    Hidden names cover osdface's temporaries (``.osdface-tmp-...`` and the legacy ``.<stem>.<8>.tmp.<ext>``);
+    :func:`is_temp_name` is checked as well so a temporary is never read as an image.
+    """
+    return (not p.name.startswith(".") and not is_temp_name(p.name) and p.suffix.lower() in extensions
+            and p.is_file())
+
+
 def expand_inputs(inputs: list[str], extensions=IMAGE_EXTENSIONS) -> tuple[list[Path], list[str]]:
-    """Files, folders (non-recursive, sorted) and globs → (existing files, problems)."""
+    """Files, folders (non-recursive, sorted) and globs → (existing files, problems).
+
+    Folders skip hidden files and osdface temporaries; globs skip temporaries (a glob matches hidden
+    names only when its pattern asks for them). A file named explicitly is taken as is, unless it is
+    an osdface temporary (reported as a problem).
+    """
     files: list[Path] = []
     problems: list[str] = []
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in extensions)
+            found = sorted(q for q in p.iterdir() if _scanned(q, extensions))
             if not found:
                 problems.append(f"{p}: folder contains no images ({', '.join(extensions)})")
             files.extend(found)
         elif p.is_file():
-            files.append(p)
+            if is_temp_name(p.name):
+                problems.append(f"{p}: a temporary file left by an interrupted osdface run, not an input")
+            else:
+                files.append(p)
         elif any(ch in item for ch in "*?["):
-            matched = sorted(Path(m) for m in glob.glob(os.path.expanduser(item), recursive=True) if Path(m).is_file())
+            matched = sorted(Path(m) for m in glob.glob(os.path.expanduser(item), recursive=True)
+                             if Path(m).is_file() and not is_temp_name(Path(m).name))
             if not matched:
                 problems.append(f"{item}: pattern matches no files")
             files.extend(matched)
@@ -43,6 +65,170 @@ def expand_inputs(inputs: list[str], extensions=IMAGE_EXTENSIONS) -> tuple[list[
             seen.add(key)
             unique.append(f)
     return unique, problems
+
+
+# --- output paths -------------------------------------------------------------------------------------------
+
+
+def check_name_part(option: str, value: str) -> str:
+    """Refuse a user-given piece of a file name (``--suffix``, a method name) that could leave its folder.
+
+    It may not contain a path separator, ``..`` or NUL, nor start with ``.`` (a hidden file, which
+    input scanning would skip). Returns ``value``.
+
+    Raises:
+        OutputPathError: naming the option and the problem.
+    """
+    bad = None
+    if "\0" in value:
+        bad = "contains a NUL character"
+    elif "/" in value or "\\" in value or os.sep in value or (os.altsep and os.altsep in value):
+        bad = "contains a path separator"
+    elif ".." in value:
+        bad = "contains '..'"
+    elif value.startswith("."):
+        bad = "starts with '.' (a hidden file name)"
+    if bad:
+        raise OutputPathError(f"{option} {value!r} {bad}; it becomes part of a file name inside the output folder")
+    return value
+
+
+def written_entry(p: Path) -> Path:
+    """The directory entry a write to ``p`` replaces: the parent resolved, the last name kept.
+
+    osdface writes atomically (a temporary renamed onto the name), so a symlink at ``p`` itself is
+    replaced, not followed.
+    """
+    return p.parent.resolve() / p.name
+
+
+def _keys(p: Path) -> set[Path]:
+    return {written_entry(p), p.resolve()}
+
+
+def _inode(p: Path) -> tuple[int, int] | None:
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_output_dir(option: str, path: str | os.PathLike) -> Path:
+    """Check that ``path`` can be an output folder (a folder, or creatable as one); returns it expanded.
+
+    Raises:
+        OutputPathError: ``path`` is an existing file, or one of its parents is.
+    """
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise OutputPathError(f"{p}: {option} names an existing file, not a folder")
+    _check_parents(option, p)
+    return p
+
+
+def _check_parents(option: str, p: Path) -> None:
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputPathError(f"{p}: {option}: {parent} is a file, not a folder")
+            return
+
+
+def check_output_files(
+    named: Sequence[tuple[str, str | os.PathLike]],
+    *,
+    inputs: Iterable[Path] = (),
+    planned: Iterable[Path] = (),
+    planned_patterns: Iterable[tuple[Path, re.Pattern]] = (),
+    out_dirs: Iterable[Path] = (),
+    overwrite: bool = False,
+) -> list[Path]:
+    """Validate every output file the user named (a report, a manifest) before any work starts.
+
+    Args:
+        named: ``(label, path)`` pairs; ``label`` is the option as the user knows it (``"--report"``),
+            or says which option a file derives from (``"the .md file beside --out"``).
+        inputs: every input file of the run (compared by resolved path and by inode, so hard links
+            and symlinks count).
+        planned: the other files this run will write (image outputs, side outputs).
+        planned_patterns: ``(folder, name regex)`` for outputs whose exact names are not known yet
+            (face crops ``<stem>_NN.png``).
+        out_dirs: folders this run writes into; a named file may not be one of them or above one.
+        overwrite: an existing file may be replaced (``--overwrite``); otherwise it is an error.
+
+    Returns:
+        The named paths, expanded (``~``), in order.
+
+    Raises:
+        OutputPathError: a named path is a folder, an input, another output of the run, named twice,
+            under a file, or exists without ``overwrite``. The message names the path.
+    """
+    input_keys: dict[Path, Path] = {}
+    input_inodes: dict[tuple[int, int], Path] = {}
+    for f in inputs:
+        for k in _keys(f):
+            input_keys.setdefault(k, f)
+        ino = _inode(f)
+        if ino is not None:
+            input_inodes.setdefault(ino, f)
+    planned_keys = {written_entry(o): o for o in planned}
+    patterns = [(folder.resolve(), rx) for folder, rx in planned_patterns]
+    dirs = [written_entry(d) for d in out_dirs]
+    seen: dict[Path, str] = {}
+    result = []
+    for label, raw in named:
+        text = os.fspath(raw)
+        if not text or "\0" in text:
+            raise OutputPathError(f"{label}: {text!r} is not a usable file name")
+        p = Path(text).expanduser()
+        if text.endswith(("/", os.sep)) or p.is_dir():
+            raise OutputPathError(f"{p} is a folder; {label} needs a file name")
+        _check_parents(label, p)
+        keys = _keys(p)
+        hit = next((input_keys[k] for k in keys if k in input_keys), None)
+        ino = _inode(p)
+        if hit is None and ino is not None:
+            hit = input_inodes.get(ino)
+        if hit is not None:
+            same = "" if written_entry(hit) == written_entry(p) else f" (the same file as {hit})"
+            raise OutputPathError(f"{p} is an input file of this run{same}; choose another path for {label}")
+        out = next((planned_keys[k] for k in keys if k in planned_keys), None)
+        entry = written_entry(p)
+        if out is None and any(entry.parent == folder and rx.fullmatch(entry.name) for folder, rx in patterns):
+            out = entry
+        if out is not None:
+            raise OutputPathError(f"{p} is also an output this run writes; choose another path for {label}")
+        for d in dirs:
+            if entry == d or entry in d.parents:
+                raise OutputPathError(f"{p} is the output folder {d} (or above it); choose another path for {label}")
+        if entry in seen:
+            raise OutputPathError(f"{p} would be written twice ({seen[entry]} and {label}); choose another path")
+        seen[entry] = label
+        if p.exists() and not overwrite:
+            extra = "" if label.startswith("-") else f" ({label})"
+            raise OutputPathError(f"{p} exists; pass --overwrite to replace it{extra}")
+        result.append(p)
+    return result
+
+
+def image_outputs_inside(out_dir: Path, outputs: Iterable[Path]) -> None:
+    """Refuse any output that would land outside ``out_dir`` (resolved), e.g. through a crafted name."""
+    root = out_dir.resolve()
+    for o in outputs:
+        if written_entry(o).parent != root and root not in written_entry(o).parents:
+            raise OutputPathError(f"{o}: output would be written outside the output folder {out_dir}")
+
+
+def clean_output_dirs(*folders: Path) -> None:
+    """Remove temporaries that killed runs left in the folders this run writes into."""
+    for folder in folders:
+        clean_stale_temps(folder)
+
+
+def add_overwrite_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--overwrite``: allow replacing the existing ``what`` file(s) the user named (refused otherwise)."""
+    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} if it exists (refused otherwise)")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

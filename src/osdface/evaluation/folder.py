@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..constants import IMAGE_EXTENSIONS
+from ..utils.io import is_temp_name
 from ..utils.logging import get_logger
 from .metrics import IdentityMetric, Metric, create_metric, metric_info
 from .report import EvalReport
@@ -18,15 +19,32 @@ logger = get_logger(__name__)
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name."""
+    """Image files directly in ``folder``, sorted by name.
+
+    Hidden files and osdface temporaries (partial writes of a killed run) are skipped.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.iterdir()
+                  if not p.name.startswith(".") and not is_temp_name(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and p.is_file())
+
+
+def duplicate_stems(files: Sequence[Path]) -> dict[str, list[Path]]:
+    """``{stem: files}`` for the stems that more than one of ``files`` share (``a.png``, ``a.jpg``)."""
+    by_stem: dict[str, list[Path]] = {}
+    for f in files:
+        by_stem.setdefault(f.stem, []).append(f)
+    return {s: fs for s, fs in by_stem.items() if len(fs) > 1}
 
 
 def match_by_stem(pred_files: Sequence[Path], gt_dir: str | os.PathLike) -> tuple[dict[Path, Path], list[str]]:
-    """``{pred: gt}`` for files whose stems match; problems for preds without GT or duplicate stems."""
+    """``{pred: gt}`` for files whose stems match; problems for preds without GT or duplicate stems.
+
+    Predictions that share a stem (``a.png`` and ``a.jpg``) are ambiguous: neither is paired, and
+    one problem names all of them.
+    """
     gt = {}
     problems = []
     for g in list_images(gt_dir):
@@ -34,8 +52,14 @@ def match_by_stem(pred_files: Sequence[Path], gt_dir: str | os.PathLike) -> tupl
             problems.append(f"{g}: duplicate GT stem {g.stem!r} (also {gt[g.stem].name}); using the first")
             continue
         gt[g.stem] = g
+    dups = duplicate_stems(pred_files)
+    for stem, fs in dups.items():
+        problems.append(f"{fs[0]}: predictions {', '.join(f.name for f in fs)} share the stem {stem!r}, so which "
+                        "one to compare with the GT is ambiguous; none of them is scored (rename all but one)")
     pairs = {}
     for p in pred_files:
+        if p.stem in dups:
+            continue
         if p.stem in gt:
             pairs[p] = gt[p.stem]
         else:
@@ -90,8 +114,9 @@ def evaluate_folder(
     pairs: dict[Path, Path | None]
     if gt_dir is not None:
         pairs, problems = match_by_stem(pred_files, gt_dir)
-        if not fr and "fid" not in names:  # NR-only: GT not needed for every file
-            pairs = {p: pairs.get(p) for p in pred_files}
+        if not fr and "fid" not in names:  # NR-only: GT not needed for every file (ambiguous stems stay out)
+            dups = duplicate_stems(pred_files)
+            pairs = {p: pairs.get(p) for p in pred_files if p.stem not in dups}
     else:
         pairs = {p: None for p in pred_files}
 
