@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-import json
+import re
 import sys
 from pathlib import Path
 
-from .common import expand_inputs, report_error
+from ..errors import OSDFaceError
+from .common import (
+    CLIError,
+    add_overwrite_arg,
+    check_output_dir,
+    check_output_files,
+    clean_output_dirs,
+    expand_inputs,
+    report_error,
+    written_entry,
+)
 
 
 def add_parser(sub) -> None:
@@ -28,32 +38,66 @@ def add_parser(sub) -> None:
     p.add_argument("--max-faces", type=int, default=0, metavar="N", help="at most N faces per photo (largest)")
     p.add_argument("--min-face-size", type=float, default=0, metavar="PX", help="ignore faces smaller than PX")
     p.add_argument("--only-center-face", action="store_true", help="only the face closest to the centre")
-    p.add_argument("--report", metavar="FILE", help="JSON report (same format as 'osdface restore --report')")
+    p.add_argument("--report", metavar="FILE", help="JSON report (same format as 'osdface restore --report'); "
+                   "never an input or a crop of the run; an existing FILE needs --overwrite")
+    add_overwrite_arg(p, "the --report file")
     p.set_defaults(run=run)
+
+
+def _crop_pattern(src: Path, ext: str) -> re.Pattern:
+    """Names of ``src``'s crops: ``<stem>_NN.<ext>`` (NN = face index, two or more digits)."""
+    return re.compile(re.escape(src.stem) + r"_\d{2,}\." + re.escape(ext))
+
+
+def plan_crops(files: list[Path], out_dir: Path, ext: str) -> tuple[list[Path], list[str]]:
+    """Inputs whose crops can be written: not onto an input file, not sharing a stem with another input.
+
+    Returns (inputs to align, problems naming the refused inputs).
+    """
+    root = out_dir.resolve()
+    in_out = [f for f in files if written_entry(f).parent == root]  # inputs a crop could replace
+    jobs, problems, taken = [], [], {}
+    for f in files:
+        rx = _crop_pattern(f, ext)
+        if f.stem in taken:
+            problems.append(f"{f}: crop names {f.stem}_NN.{ext} already used by {taken[f.stem]}; rename one input")
+            continue
+        clash = next((q for q in in_out if rx.fullmatch(q.name)), None)
+        if clash is not None:
+            problems.append(f"{f}: a crop would overwrite the input {clash}; choose another output folder")
+            continue
+        taken[f.stem] = f
+        jobs.append(f)
+    return jobs, problems
 
 
 def run(args) -> int:
     from tqdm import tqdm
 
     from ..face import align_faces, create_detector
-    from ..face.detection import DetectorWeightsNotFoundError
     from ..image import ImageError, read_image, save_image
-    from ..utils.io import write_text_atomic
+    from .restore_photos import write_report
 
     if args.size < 8:
-        report_error("--size must be at least 8")
-        return 2
-    files, problems = expand_inputs(args.inputs)
+        raise CLIError("--size must be at least 8")
+    out_dir = check_output_dir("-o", args.output)
+    inputs, problems = expand_inputs(args.inputs)
+    files, plan_problems = plan_crops(inputs, out_dir, args.ext)
+    problems += plan_problems
+    if args.report:
+        check_output_files([("--report", args.report)], inputs=inputs, out_dirs=[out_dir], overwrite=args.overwrite,
+                           planned_patterns=[(out_dir, _crop_pattern(f, args.ext)) for f in inputs])
     for msg in problems:
         report_error(msg)
     if not files:
         return 1 if problems else 0
     try:
         detector = create_detector(args.detector, weights=args.detector_weights, score_threshold=args.det_threshold)
-    except (DetectorWeightsNotFoundError, ValueError, RuntimeError) as e:
-        report_error(str(e))
-        return 2
-    out_dir = Path(args.output).expanduser()
+    except OSDFaceError:
+        raise
+    except (ValueError, RuntimeError) as e:  # unknown detector name, OpenCV cannot load the model
+        raise CLIError(str(e)) from e
+    clean_output_dirs(out_dir)
     failed, n_faces, report = len(problems), 0, []
     for src in tqdm(files, desc="align", unit="photo", disable=None):
         entry = {"input": str(src), "output": None, "faces": []}
@@ -81,8 +125,7 @@ def run(args) -> int:
             entry["faces"].append({**c.detection.to_json(), "crop": str(dst)})
         entry["output"] = outputs[0] if outputs else None
         n_faces += len(outputs)
-    if args.report:
-        write_text_atomic(Path(args.report).expanduser(), json.dumps({"images": report}, indent=2) + "\n")
+    report_failed = bool(args.report) and not write_report(args.report, report)
     print(f"aligned {n_faces} faces from {len(files)} photos into {out_dir}" + (f"; {failed} failed" if failed else ""),
           file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or report_failed else 0

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from ..constants import IMAGE_EXTENSIONS
-from .common import CLIError, add_model_args, expand_inputs, load_pipeline_from_args, report_error
+from .common import (
+    CLIError,
+    add_model_args,
+    add_overwrite_arg,
+    check_name_part,
+    check_output_dir,
+    check_output_files,
+    clean_output_dirs,
+    expand_inputs,
+    image_outputs_inside,
+    load_pipeline_from_args,
+    report_error,
+    written_entry,
+)
 
 
 def add_parser(sub) -> None:
@@ -24,7 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help="faces per pipeline call (default 1)")
     p.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists")
     p.add_argument("--ext", default="png", choices=["png", "jpg", "webp"], help="output format (default png)")
-    p.add_argument("--suffix", default="", help="appended to output stems, e.g. _restored")
+    p.add_argument("--suffix", default="",
+                   help="appended to output stems, e.g. _restored (no path separators, '..', or leading '.')")
     p.add_argument("--latent", default="mode", choices=["mode", "sample"],
                    help="VAE latent: deterministic posterior mode (default) or a sample as the official script")
     p.add_argument("--seed", type=int, default=0, help="seed for --latent sample (per image)")
@@ -34,6 +49,7 @@ def add_parser(sub) -> None:
     from .restore_photos import add_face_args
 
     add_face_args(p)
+    add_overwrite_arg(p, "the --report file")
     p.set_defaults(run=run)
 
 
@@ -44,19 +60,75 @@ def _output_path(out_dir: Path, src: Path, args) -> Path:
     return out_dir / f"{src.stem}{args.suffix}.{ext}"
 
 
+SIDE_FACE_DIRS = ("cropped_faces", "restored_faces", "cmp")
+
+
+def side_outputs(dst: Path, args) -> tuple[list[Path], list[tuple[Path, re.Pattern]]]:
+    """What a whole photo writes besides ``dst``: ``compare/<stem>.<ext>`` and per-face crops.
+
+    Returns (exact paths, ``(folder, name regex)`` for the face crops ``<stem>_NN.<ext>``, whose
+    number is known only after detection).
+    """
+    from .restore_photos import VIDEO_EXTENSIONS
+
+    if args.aligned or dst.suffix.lower() in VIDEO_EXTENSIONS:
+        return [], []
+    ext = args.ext
+    exact = [dst.parent / "compare" / f"{dst.stem}.{ext}"] if getattr(args, "compare", False) else []
+    patterns = []
+    if getattr(args, "save_faces", False) or not getattr(args, "paste_back", True):
+        rx = re.compile(re.escape(dst.stem) + r"_\d{2,}\." + re.escape(ext))
+        patterns = [(dst.parent / sub, rx) for sub in SIDE_FACE_DIRS]
+    return exact, patterns
+
+
+def side_dirs(out_dir: Path, args) -> list[Path]:
+    """The subfolders of ``out_dir`` this run may write into (whole photos: compare/, face crops)."""
+    if args.aligned:
+        return []
+    dirs = [out_dir / "compare"] if getattr(args, "compare", False) else []
+    if getattr(args, "save_faces", False) or not getattr(args, "paste_back", True):
+        dirs += [out_dir / sub for sub in SIDE_FACE_DIRS]
+    return dirs
+
+
 def plan_outputs(files: list[Path], out_dir: Path, args) -> tuple[list[tuple[Path, Path]], list[str], int]:
-    """Pair inputs with outputs; report name collisions, never overwrite an input; honour --skip-existing."""
+    """Pair inputs with outputs; report name collisions, never overwrite an input; honour --skip-existing.
+
+    An input whose output (or side output: compare sheet, face crop) would replace any input file
+    of the run is refused with a problem naming both; the others still run.
+    """
     jobs, problems, skipped = [], [], 0
     taken: dict[Path, Path] = {}
+    inputs: dict[Path, Path] = {}
+    by_folder: dict[Path, list[Path]] = {}
+    for f in files:
+        for k in (written_entry(f), f.resolve()):
+            inputs.setdefault(k, f)
+        by_folder.setdefault(f.resolve().parent, []).append(f.resolve())
     for f in files:
         out = _output_path(out_dir, f, args)
-        if out.resolve() in taken:
-            problems.append(f"{f}: output name {out.name} already used by {taken[out.resolve()]}; rename one input")
+        key = written_entry(out)
+        if key in taken:
+            problems.append(f"{f}: output name {out.name} already used by {taken[key]}; rename one input")
             continue
-        if out.resolve() == f.resolve():
-            problems.append(f"{f}: output would overwrite the input; choose another output folder or --suffix")
+        if key in inputs:
+            if inputs[key] == f or key == f.resolve():
+                problems.append(f"{f}: output would overwrite the input; choose another output folder or --suffix")
+            else:
+                problems.append(f"{f}: output {out} would overwrite the input {inputs[key]}; "
+                                "choose another output folder or --suffix")
             continue
-        taken[out.resolve()] = f
+        exact, patterns = side_outputs(out, args)
+        clash = next((inputs[written_entry(x)] for x in exact if written_entry(x) in inputs), None)
+        if clash is None:
+            clash = next((q for folder, rx in patterns for q in by_folder.get(folder.resolve(), [])
+                          if rx.fullmatch(q.name)), None)
+        if clash is not None:
+            problems.append(f"{f}: a side output (--compare/--save-faces) would overwrite the input {clash}; "
+                            "choose another output folder or --suffix")
+            continue
+        taken[key] = f
         if args.skip_existing and out.exists():
             skipped += 1
             continue
@@ -65,16 +137,28 @@ def plan_outputs(files: list[Path], out_dir: Path, args) -> tuple[list[tuple[Pat
 
 
 def run(args) -> int:
-    if args.batch_size < 1:
-        report_error("--batch-size must be >= 1")
-        return 2
-    from .restore_photos import VIDEO_EXTENSIONS
+    from .restore_photos import VIDEO_EXTENSIONS, restore_photos, write_report
 
+    if args.batch_size < 1:
+        raise CLIError("--batch-size must be >= 1")
+    check_name_part("--suffix", args.suffix)
+    out_dir = check_output_dir("-o", args.output)
     extensions = IMAGE_EXTENSIONS if args.aligned else IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
     files, problems = expand_inputs(args.inputs, extensions=extensions)
-    out_dir = Path(args.output).expanduser()
     jobs, plan_problems, skipped = plan_outputs(files, out_dir, args)
     problems += plan_problems
+    # every path this run writes, checked before any model is loaded
+    planned, patterns = [], []
+    for f in files:
+        out = _output_path(out_dir, f, args)
+        exact, pats = side_outputs(out, args)
+        planned += [out, *exact]
+        patterns += pats
+    image_outputs_inside(out_dir, planned)
+    dirs = side_dirs(out_dir, args)
+    if args.report:
+        check_output_files([("--report", args.report)], inputs=files, planned=planned, planned_patterns=patterns,
+                           out_dirs=[out_dir, *dirs], overwrite=args.overwrite)
     for msg in problems:
         report_error(msg)
     if not jobs:
@@ -83,31 +167,36 @@ def run(args) -> int:
         elif not problems:
             report_error("no inputs")
         return 1 if problems else 0
-    try:
-        pipe = load_pipeline_from_args(args)
-    except CLIError as e:
-        report_error(str(e))
-        return 2
+    pipe = load_pipeline_from_args(args)
+    clean_output_dirs(out_dir, *dirs)
+    report: list[dict] = []
     if args.aligned:
-        failed = restore_aligned(pipe, jobs, args)
+        failed = restore_aligned(pipe, jobs, args, report)
     else:
-        from .restore_photos import restore_photos
-
-        failed = restore_photos(pipe, jobs, args)
+        failed = restore_photos(pipe, jobs, args, report)
+    report_failed = bool(args.report) and not write_report(args.report, report)
     n_bad = len(problems) + failed
     print(f"restored {len(jobs) - failed} of {len(jobs)} inputs into {out_dir}"
           + (f" ({skipped} skipped)" if skipped else "") + (f"; {n_bad} failed" if n_bad else ""), file=sys.stderr)
-    return 1 if n_bad else 0
+    return 1 if n_bad or report_failed else 0
 
 
-def restore_aligned(pipe, jobs: list[tuple[Path, Path]], args: argparse.Namespace) -> int:
-    """Restore aligned crops in batches of equal size; return the number of failed inputs."""
+def restore_aligned(pipe, jobs: list[tuple[Path, Path]], args: argparse.Namespace,
+                    report: list[dict] | None = None) -> int:
+    """Restore aligned crops in batches of equal size; return the number of failed inputs.
+
+    ``report``, if given, receives one ``{"input", "output", "faces": []}`` entry per job, in job
+    order (``output`` is ``None`` where the input failed; no detection runs on aligned crops).
+    """
     import torch
     from tqdm import tqdm
 
     from ..image import ImageError, read_image, save_image, to_tensor, to_uint8
 
     failed = 0
+    entries = {src: {"input": str(src), "output": None, "faces": []} for src, _ in jobs}
+    if report is not None:
+        report.extend(entries.values())
     pending: dict[tuple[int, int], list[tuple[Path, Path, object]]] = {}
     bar = tqdm(total=len(jobs), desc="restore", unit="face", disable=None)
 
@@ -125,6 +214,7 @@ def restore_aligned(pipe, jobs: list[tuple[Path, Path]], args: argparse.Namespac
             for (src, dst, _), img in zip(items, out):
                 try:
                     save_image(dst, img)
+                    entries[src]["output"] = str(dst)
                 except (OSError, ImageError) as e:
                     report_error(f"{src}: cannot write {dst}: {e}")
                     failed += 1

@@ -10,7 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from .common import report_error
+from ..errors import OSDFaceError
+from .common import CLIError, report_error
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 
@@ -43,7 +44,9 @@ def add_face_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-faces", action="store_true",
                    help="also write OUT/cropped_faces/, OUT/restored_faces/ and OUT/cmp/ (per face)")
     g.add_argument("--compare", action="store_true", help="write OUT/compare/<stem>.png: input | output side by side")
-    g.add_argument("--report", metavar="FILE", help="write a JSON report of inputs, outputs and faces")
+    g.add_argument("--report", metavar="FILE",
+                   help="write a JSON report of inputs, outputs and faces (with --aligned: inputs and outputs); "
+                        "never an input or an output of the run; an existing FILE needs --overwrite")
     g.add_argument("--no-smooth", dest="smooth", action="store_false",
                    help="videos: no landmark smoothing across frames")
 
@@ -91,22 +94,42 @@ def _save_faces(res, out: Path, ext: str) -> None:
             save_image(root / "cmp" / f"{stem}_{i:02d}.{ext}", _side_by_side(f.lq, f.restored))
 
 
-def restore_photos(pipe, jobs: list[tuple[Path, Path]], args: argparse.Namespace) -> int:
-    """Restore whole photos (and videos) ``jobs = [(input, output)]``; returns the number that failed."""
-    from tqdm import tqdm
-
-    from ..face.detection import DetectorWeightsNotFoundError
-    from ..image import ImageError, read_image, save_image
+def write_report(path: str | Path, entries: list[dict]) -> bool:
+    """Write ``{"images": entries}`` as JSON to ``path`` atomically; on failure report it and return False."""
     from ..utils.io import write_text_atomic
 
     try:
+        write_text_atomic(Path(path).expanduser(), json.dumps({"images": entries}, indent=2) + "\n")
+    except OSError as e:
+        report_error(f"{path}: cannot write the report: {e}")
+        return False
+    return True
+
+
+def restore_photos(pipe, jobs: list[tuple[Path, Path]], args: argparse.Namespace,
+                   report: list[dict] | None = None) -> int:
+    """Restore whole photos (and videos) ``jobs = [(input, output)]``; returns the number that failed.
+
+    ``report``, if given, receives one ``{"input", "output", "faces"}`` entry per job (photos first,
+    then videos), the format of ``--report``.
+
+    Raises:
+        OSDFaceError: the detector, parsing model or background upsampler cannot be built (set-up error).
+    """
+    from tqdm import tqdm
+
+    from ..image import ImageError, read_image, save_image
+
+    try:
         restorer = build_restorer(pipe, args)
-    except (DetectorWeightsNotFoundError, FileNotFoundError, ValueError, RuntimeError) as e:
-        report_error(str(e))
-        return len(jobs)
+    except OSDFaceError:
+        raise
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # face-layer set-up errors not yet OSDFaceErrors
+        raise CLIError(str(e)) from e
     photos = [(s, d) for s, d in jobs if s.suffix.lower() not in VIDEO_EXTENSIONS]
     videos = [(s, d) for s, d in jobs if s.suffix.lower() in VIDEO_EXTENSIONS]
-    report: list[dict] = []
+    if report is None:
+        report = []
     failed = 0
     ext = getattr(args, "ext", "png")
 
@@ -168,9 +191,4 @@ def restore_photos(pipe, jobs: list[tuple[Path, Path]], args: argparse.Namespace
             report_error(f"{src}: {vr.failed_frames} of {vr.frames} frames could not be restored (written as is)")
             failed += 1
 
-    if getattr(args, "report", None):
-        try:
-            write_text_atomic(Path(args.report).expanduser(), json.dumps({"images": report}, indent=2) + "\n")
-        except OSError as e:
-            report_error(f"cannot write the report {args.report}: {e}")
     return failed
