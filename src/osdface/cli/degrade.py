@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import report_error
+from ..errors import OutputPathError
+from .common import CLIError, add_overwrite_arg, check_output_dir, check_output_files, report_error
 
 
 def add_parser(sub) -> None:
@@ -23,12 +24,14 @@ def add_parser(sub) -> None:
     g.add_argument("--preset", default=None, help="degradation preset: daefr (default) or osediff-face")
     g.add_argument("--config", metavar="FILE.yaml", help="degradation config YAML (may start from 'preset: NAME')")
     p.add_argument("--seed", type=int, default=0, help="global seed (default 0)")
-    p.add_argument("--manifest", metavar="FILE", help="JSON manifest of drawn parameters (default OUT_DIR/manifest.json)")
+    p.add_argument("--manifest", metavar="FILE", help="JSON manifest of drawn parameters (default OUT_DIR/manifest.json, "
+                   "replaced on a re-run); never an HQ or LQ image; an existing FILE needs --overwrite")
     p.add_argument("--scale", type=float, nargs="+", metavar="R", help="down-sampling factor r, or a range LO HI")
     p.add_argument("--sigma", type=float, nargs="+", metavar="S", help="blur sigma (pixels), or a range LO HI")
     p.add_argument("--noise", type=float, nargs="+", metavar="D", help="Gaussian noise sigma (0-255), or LO HI")
     p.add_argument("--jpeg", type=int, nargs="+", metavar="Q", help="JPEG quality, or a range LO HI")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (default 1)")
+    add_overwrite_arg(p, "the --manifest file")
     p.set_defaults(run=run)
 
 
@@ -43,7 +46,7 @@ def _build_config(args):
     else:
         name = args.preset or "daefr"
         if name not in PRESETS:
-            raise ValueError(f"unknown degradation preset {name!r}; choose from {sorted(PRESETS)}")
+            raise CLIError(f"unknown degradation preset {name!r}; choose from {sorted(PRESETS)}")
         config = PRESETS[name]
     overrides = {}
     for flag, key in _OVERRIDES.items():
@@ -51,36 +54,38 @@ def _build_config(args):
         if values is None:
             continue
         if len(values) > 2:
-            raise ValueError(f"--{flag} takes one value or a range LO HI, got {len(values)} values")
+            raise CLIError(f"--{flag} takes one value or a range LO HI, got {len(values)} values")
         overrides[key] = (values[0], values[-1])
     return DegradationConfig.from_dict(overrides, base=config) if overrides else config
 
 
 def run(args) -> int:
-    from ..data.testset import degrade_folder
+    from ..data.files import list_images
+    from ..data.testset import degrade_folder, lq_name
 
-    hq_dir, out_dir = Path(args.hq_dir).expanduser(), Path(args.output).expanduser()
     if args.workers < 1:
-        report_error("--workers must be >= 1")
-        return 2
+        raise CLIError("--workers must be >= 1")
     if args.seed < 0:
-        report_error("--seed must be non-negative")
-        return 2
+        raise CLIError("--seed must be non-negative")
+    hq_dir = Path(args.hq_dir).expanduser()
     if not hq_dir.is_dir():
-        report_error(f"{hq_dir}: no such folder")
-        return 2
+        raise CLIError(f"{hq_dir}: no such folder")
+    out_dir = check_output_dir("-o", args.output)
+    if out_dir.exists() and out_dir.resolve() == hq_dir.resolve():
+        raise OutputPathError(f"{out_dir}: the output folder is the input folder; choose another one")
     try:
         config = _build_config(args)
-    except ValueError as e:
-        report_error(str(e))
-        return 2
-    manifest = Path(args.manifest).expanduser() if args.manifest else out_dir / "manifest.json"
-    try:
-        result = degrade_folder(hq_dir, out_dir, config, seed=args.seed, workers=args.workers,
-                                manifest_path=manifest, progress=True, on_error=report_error)
-    except ValueError as e:
-        report_error(str(e))
-        return 2
+    except ValueError as e:  # the config file or a range is invalid (data.degradation raises ValueError)
+        raise CLIError(str(e)) from e
+    # every path this run writes, checked before any work: the manifest is never an HQ or LQ image;
+    # the default one inside OUT_DIR is osdface's own and replaced on a re-run
+    names = list_images(hq_dir, recursive=False)
+    manifest, = check_output_files(
+        [("--manifest", args.manifest or out_dir / "manifest.json")], inputs=[hq_dir / n for n in names],
+        planned=[out_dir / lq_name(n) for n in names], out_dirs=[out_dir],
+        overwrite=args.overwrite or not args.manifest)
+    result = degrade_folder(hq_dir, out_dir, config, seed=args.seed, workers=args.workers,
+                            manifest_path=manifest, progress=True, on_error=report_error)
     n_ok = len(result.records)
     n_bad = len(result.errors)
     print(f"wrote {n_ok} LQ image(s) into {out_dir}, manifest {manifest}"

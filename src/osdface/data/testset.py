@@ -18,13 +18,14 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from ..errors import OutputPathError
 from ..image import ImageError, read_image, save_image
-from ..utils.io import write_text_atomic
+from ..utils.io import clean_stale_temps, write_text_atomic
 from ..utils.logging import get_logger
 from .degradation import PRESETS, DegradationSpec, Degrader, image_seed, resolve_degradation
 from .files import list_images
 
-__all__ = ["MANIFEST_FORMAT", "FolderDegradationResult", "degrade_folder", "format_manifest"]
+__all__ = ["MANIFEST_FORMAT", "FolderDegradationResult", "degrade_folder", "format_manifest", "lq_name"]
 
 logger = get_logger(__name__)
 
@@ -85,6 +86,16 @@ def _degrade_one(src: str, rel: str, dst: str, seed: int) -> tuple[str, dict[str
     return rel, record, None
 
 
+def lq_name(rel: str) -> str:
+    """File name of the LQ image :func:`degrade_folder` writes for the input ``rel``: ``<stem>.png``."""
+    return f"{Path(rel).stem}.png"
+
+
+def _entry(p: Path) -> Path:
+    # the directory entry an atomic write to p replaces (a symlink at p itself is replaced, not followed)
+    return p.parent.resolve() / p.name
+
+
 def format_manifest(manifest: dict[str, Any]) -> str:
     """JSON text of a manifest with one image record per line (valid JSON, easy to grep and diff)."""
     head = [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in manifest.items() if k != "images"]
@@ -107,11 +118,13 @@ def degrade_folder(
     Args:
         hq_dir: folder of HQ images (any size; RGB, gray, RGBA… are read as RGB).
         out_dir: output folder; ``<stem>.png`` per input, the same size as its input, written
-            atomically. It may not be ``hq_dir`` itself (inputs are never modified).
+            atomically. It may not be ``hq_dir`` itself (inputs are never modified). Temporaries
+            that killed runs left there are removed first.
         degradation: preset name, YAML path or :class:`~osdface.data.degradation.DegradationConfig`.
         seed: global non-negative seed.
         workers: processes to use (1 = in this process).
-        manifest_path: where to write the JSON manifest (``None``: not written).
+        manifest_path: where to write the JSON manifest (``None``: not written); never an input
+            image or one of the LQ images (an existing other file is replaced).
         progress: show a tqdm progress bar.
         on_error: called with each error message as it happens (the CLI prints them).
 
@@ -121,7 +134,9 @@ def degrade_folder(
 
     Raises:
         FileNotFoundError: ``hq_dir`` is not a folder.
-        ValueError: bad arguments, or ``out_dir`` is ``hq_dir``.
+        ValueError: bad arguments.
+        OutputPathError: ``out_dir`` is ``hq_dir``, or ``manifest_path`` is an input or an LQ image
+            (a ``ValueError`` too); raised before anything is written.
     """
     hq_dir, out_dir = Path(hq_dir), Path(out_dir)
     config = resolve_degradation(degradation)
@@ -131,7 +146,13 @@ def degrade_folder(
         raise ValueError(f"workers must be >= 1, got {workers}")
     names = list_images(hq_dir, recursive=False)
     if out_dir.exists() and out_dir.resolve() == hq_dir.resolve():
-        raise ValueError(f"{out_dir}: the output folder is the input folder; choose another one")
+        raise OutputPathError(f"{out_dir}: the output folder is the input folder; choose another one")
+    if manifest_path is not None:
+        m = _entry(Path(manifest_path))
+        if any(m in (_entry(hq_dir / rel), (hq_dir / rel).resolve()) for rel in names):
+            raise OutputPathError(f"{manifest_path}: the manifest would overwrite an input image; choose another path")
+        if any(m == _entry(out_dir / lq_name(rel)) for rel in names):
+            raise OutputPathError(f"{manifest_path}: the manifest would overwrite an LQ output; choose another path")
     preset = next((n for n, c in PRESETS.items() if c == config), None)
     errors: list[str] = []
 
@@ -145,7 +166,7 @@ def degrade_folder(
     jobs: list[tuple[str, str, str, int]] = []
     taken: dict[str, str] = {}
     for rel in names:
-        out_name = f"{Path(rel).stem}.png"
+        out_name = lq_name(rel)
         if out_name in taken:
             fail(f"{hq_dir / rel}: output name {out_name} already used by {taken[out_name]}; rename one input")
             continue
@@ -154,6 +175,7 @@ def degrade_folder(
     if not names:
         fail(f"{hq_dir}: folder contains no images")
 
+    clean_stale_temps(out_dir)
     records: dict[str, dict[str, Any]] = {}
     bar = None
     if progress:
