@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import report_error
+from .common import CLIError, add_overwrite_arg, check_name_part, check_output_files, report_error
 
 DEFAULT_METRICS = "psnr,ssim,lpips,dists,niqe"
 
@@ -18,11 +18,14 @@ def add_parser(sub) -> None:
     p.add_argument("--pred", help="folder of restored images")
     p.add_argument("--gt", help="folder of ground-truth images (matched by file stem)")
     p.add_argument("--metrics", default=DEFAULT_METRICS, help=f"comma-separated (default: {DEFAULT_METRICS})")
-    p.add_argument("--out", default="report.json", help="report JSON; .md and .csv are written beside it")
+    p.add_argument("--out", default="report.json",
+                   help="report JSON (default report.json); .md and .csv are written beside it. Never an input "
+                        "image; existing files need --overwrite; missing folders are created")
     p.add_argument("--list-metrics", action="store_true", help="print the metric registry and exit")
     _common(p)
     p.add_argument("--compare", metavar="FILE", help="contact sheet LQ | restored | GT: FILE.html or FILE.png")
     p.add_argument("--lq", help="folder of degraded inputs for --compare")
+    add_overwrite_arg(p, "the report files (--out and its .md/.csv) and the --compare sheet")
     p.set_defaults(run=run)
 
     b = sub.add_parser("benchmark-table", help="evaluate several methods' result folders; print Table 1/2-style tables")
@@ -32,7 +35,9 @@ def add_parser(sub) -> None:
     b.add_argument("--table", choices=["1", "2"], default="1",
                    help="1: CelebA-Test layout (LPIPS DISTS MUSIQ NIQE Deg LMD FID); 2: real-world layout")
     b.add_argument("--metrics", default=None, help="default: table 1 lpips,dists,niqe,fid; table 2 niqe,fid")
-    b.add_argument("--out", help="also write the Markdown table here, and one report JSON per method beside it")
+    b.add_argument("--out", help="also write the Markdown table here, and one report JSON per method beside it "
+                   "(OUT_STEM_<method>.json with .md/.csv); existing files need --overwrite")
+    add_overwrite_arg(b, "the --out table and the per-method reports")
     _common(b)
     b.set_defaults(run=run_table)
 
@@ -62,8 +67,30 @@ def _parse_metrics(text: str) -> list[str]:
 
     names = [m.strip() for m in text.split(",") if m.strip()]
     for n in names:
-        metric_info(n)
+        try:
+            metric_info(n)
+        except KeyError as e:  # the message lists the valid names
+            raise CLIError(e.args[0] if e.args else str(e)) from None
     return names
+
+
+def _images(option: str, folder: str) -> list[Path]:
+    """The images an evaluation reads from ``folder`` (named by ``option``); a missing folder is a usage error."""
+    from ..evaluation.folder import list_images
+
+    try:
+        return list_images(folder)
+    except FileNotFoundError:
+        raise CLIError(f"{folder}: no such folder ({option})") from None
+
+
+def _report_outputs(label: str, out: str | Path) -> list[tuple[str, Path]]:
+    """``(label, path)`` of the JSON report ``out`` and the .md/.csv files written beside it."""
+    from ..evaluation.report import report_paths
+
+    paths = report_paths(Path(out).expanduser())
+    return [(label, paths["json"]), (f"the .md file beside {label}", paths["markdown"]),
+            (f"the .csv file beside {label}", paths["csv"])]
 
 
 def _list_metrics() -> int:
@@ -79,32 +106,40 @@ def _list_metrics() -> int:
 
 
 def run(args) -> int:
-    from ..evaluation.folder import evaluate_folder, list_images
-    from ..weights import WeightsNotFoundError
+    from ..evaluation.folder import evaluate_folder
 
     if args.list_metrics:
         return _list_metrics()
     if not args.pred:
-        report_error("--pred is required")
-        return 2
+        raise CLIError("--pred is required")
+    metrics = _parse_metrics(args.metrics)
+    # every file this run writes, checked before any metric is built: never an input image
+    inputs = _images("--pred", args.pred)
+    if args.gt:
+        inputs += _images("--gt", args.gt)
+    if args.compare and args.lq:
+        inputs += _images("--lq", args.lq)
+    named = _report_outputs("--out", args.out) + ([("--compare", args.compare)] if args.compare else [])
+    out, *_ = check_output_files(named, inputs=inputs, overwrite=args.overwrite)
     try:
-        metrics = _parse_metrics(args.metrics)
         report = evaluate_folder(
             args.pred, args.gt, metrics, device=_device(args.device), weights_dir=args.weights_dir,
             batch_size=args.batch_size, fid_stats=args.fid_stats, use_fid_cache=not args.no_fid_cache,
             progress=not args.no_progress,
         )
-    except (KeyError, ValueError, FileNotFoundError, WeightsNotFoundError, NotImplementedError) as e:
-        report_error(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
-        return 2
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        # set-up problems the metric modules report with builtin errors (a metric needs --gt, a
+        # malformed weight or --fid-stats file, no images); OSDFaceErrors propagate by themselves
+        raise CLIError(str(e)) from e
     report.meta["method"] = Path(args.pred).name
-    paths = report.save(args.out)
+    paths = report.save(out)
     print(report.to_markdown(Path(args.pred).name))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if args.compare:
         from ..evaluation.compare import contact_sheet
+        from ..evaluation.folder import list_images
 
-        sheet = contact_sheet(args.compare, list_images(args.pred), args.gt, args.lq, report)
+        sheet = contact_sheet(Path(args.compare).expanduser(), list_images(args.pred), args.gt, args.lq, report)
         print(f"wrote {sheet}")
     for prob in report.problems:
         report_error(prob)
@@ -112,29 +147,39 @@ def run(args) -> int:
 
 
 def run_table(args) -> int:
-    from ..evaluation.folder import evaluate_folder
+    from ..evaluation.folder import evaluate_folder, list_images
     from ..evaluation.metrics import create_metric
     from ..evaluation.report import benchmark_table
     from ..utils.io import write_text_atomic
-    from ..weights import WeightsNotFoundError
 
     default = "lpips,dists,niqe,fid" if args.table == "1" else "niqe,fid"
     if args.table == "1" and not args.gt:
-        report_error("Table 1 needs --gt (full-reference metrics)")
-        return 2
+        raise CLIError("Table 1 needs --gt (full-reference metrics)")
     methods = {}
     for item in args.results:
         name, _, folder = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
         methods[name or Path(folder).name] = folder
+    out = None
+    if args.out:
+        # the table and one report (json/md/csv) per method, checked before any metric is built
+        named: list[tuple[str, str | Path]] = [("--out", args.out)]
+        out = Path(args.out).expanduser()
+        for name in methods:
+            check_name_part("method name", name)
+            named += _report_outputs(f"the {name} report beside --out", out.with_name(f"{out.stem}_{name}.json"))
+        inputs = _images("--gt", args.gt) if args.gt else []
+        for folder in methods.values():
+            if Path(folder).is_dir():  # a missing folder fails on its own below; the others still run
+                inputs += list_images(folder)
+        out, *_ = check_output_files(named, inputs=inputs, overwrite=args.overwrite)
     device = _device(args.device)
+    metrics = _parse_metrics(args.metrics or default)
+    if args.table == "2" and not args.gt:
+        metrics = [m for m in metrics if m == "fid" or not _is_fr(m)]
     try:
-        metrics = _parse_metrics(args.metrics or default)
-        if args.table == "2" and not args.gt:
-            metrics = [m for m in metrics if m == "fid" or not _is_fr(m)]
         built = {m: create_metric(m, device=device, weights_dir=args.weights_dir) for m in metrics}
-    except (KeyError, ValueError, WeightsNotFoundError, NotImplementedError) as e:
-        report_error(str(e))
-        return 2
+    except (ValueError, NotImplementedError) as e:  # a malformed weight file (builtin errors of the metric modules)
+        raise CLIError(str(e)) from e
     reports, failed = {}, 0
     for name, folder in methods.items():
         try:
@@ -152,8 +197,7 @@ def run_table(args) -> int:
         return 1
     table = benchmark_table(reports, layout="table1" if args.table == "1" else "table2")
     print(table)
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         write_text_atomic(out, table)
         for name, r in reports.items():
             r.save(out.with_name(f"{out.stem}_{name}.json"))

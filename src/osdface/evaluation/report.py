@@ -36,6 +36,12 @@ def order_metrics(names, layout: str = "table1") -> list[str]:
     return first + [m for m in names if m not in first]
 
 
+def report_paths(out: str | os.PathLike) -> dict[str, Path]:
+    """The files :meth:`EvalReport.save` writes for ``out``: ``{"json": out, "markdown": .md, "csv": .csv}``."""
+    out = Path(out)
+    return {"json": out, "markdown": out.with_suffix(".md"), "csv": out.with_suffix(".csv")}
+
+
 def _title(name: str, lower_better: bool | None) -> str:
     arrow = "" if lower_better is None else ("↓" if lower_better else "↑")
     return PAPER_TITLES.get(name, name) + arrow
@@ -100,11 +106,18 @@ class EvalReport:
         return benchmark_table({method: self}, layout=layout)
 
     def save(self, out: str | os.PathLike) -> dict[str, Path]:
-        """Write ``out`` (JSON) plus ``.md`` and ``.csv`` beside it, atomically."""
+        """Write ``out`` (JSON) plus ``.md`` and ``.csv`` beside it, atomically.
+
+        Raises:
+            OutputPathError: ``out`` ends in ``.md`` or ``.csv``, so two of the files would be one.
+        """
+        from ..errors import OutputPathError
         from ..utils.io import write_text_atomic
 
-        out = Path(out)
-        paths = {"json": out, "markdown": out.with_suffix(".md"), "csv": out.with_suffix(".csv")}
+        paths = report_paths(out)
+        if len(set(paths.values())) < len(paths):
+            raise OutputPathError(f"{out}: the JSON report and its .md/.csv siblings would be the same file; "
+                                  "give a .json path")
         write_text_atomic(paths["json"], self.to_json() + "\n")
         write_text_atomic(paths["markdown"], self.to_markdown(self.meta.get("method", "result")))
         write_text_atomic(paths["csv"], self.to_csv())
