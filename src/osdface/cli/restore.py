@@ -103,9 +103,9 @@ def plan_outputs(files: list[Path], out_dir: Path, args) -> tuple[list[tuple[Pat
     inputs: dict[Path, Path] = {}
     by_folder: dict[Path, list[Path]] = {}
     for f in files:
-        for k in (written_entry(f), f.resolve()):
+        for k in {written_entry(f), f.resolve()}:  # the name given and, through symlinks, the file itself
             inputs.setdefault(k, f)
-        by_folder.setdefault(f.resolve().parent, []).append(f.resolve())
+            by_folder.setdefault(k.parent, []).append(k)
     for f in files:
         out = _output_path(out_dir, f, args)
         key = written_entry(out)
