@@ -83,3 +83,35 @@ def test_shape_mismatch_is_reported():
     bad = {f"unet.{name}.lora_A.weight": torch.zeros(4, 3, 3, 3), f"unet.{name}.lora_B.weight": torch.zeros(32, 4, 1, 1)}
     with pytest.raises(LoraFormatError, match="conv_in"):
         merge_lora_into(base, bad)
+
+
+def test_attach_checks_shapes_first_and_names_the_file():
+    """attach_lora (unmerged) refuses a misfit before adding the adapter, naming the source."""
+    base = tiny_unet(0).eval()
+    lora = tiny_lora_state_dict(base, seed=1, rank=4)
+    key = next(k for k in sorted(lora) if k.endswith("lora_B.weight") and lora[k].ndim == 2)
+    bad = {**lora, key: torch.zeros(lora[key].shape[0] + 3, 4)}
+    with pytest.raises(LoraFormatError, match=r"^my\.safetensors: .*wrong shapes") as e:
+        attach_lora(base, bad, source="my.safetensors")
+    assert key.removeprefix("unet.").removesuffix(".lora_B.weight") in str(e.value)
+    assert not getattr(base, "peft_config", None)  # nothing attached
+
+
+@pytest.mark.parametrize("case", ["rank_mismatch", "scalar_tensor", "alpha_not_scalar", "empty"])
+def test_malformed_pairs_raise_lora_format_error_naming_the_source(case):
+    base = tiny_unet(0).eval()
+    name = "conv_in"
+    a, b = torch.zeros(4, 4, 3, 3), torch.zeros(32, 4, 1, 1)
+    sd = {f"unet.{name}.lora_A.weight": a, f"unet.{name}.lora_B.weight": b}
+    if case == "rank_mismatch":
+        sd[f"unet.{name}.lora_B.weight"] = torch.zeros(32, 5, 1, 1)
+    elif case == "scalar_tensor":
+        sd[f"unet.{name}.lora_A.weight"] = torch.tensor(1.0)
+    elif case == "alpha_not_scalar":
+        sd[f"unet.{name}.alpha"] = torch.ones(3)
+    else:
+        sd = {}
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(LoraFormatError, match=r"^f\.safetensors: "):
+        merge_lora_into(base, sd, source="f.safetensors")
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
