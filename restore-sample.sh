@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup-venv.sh
-exec .venv/bin/osdface restore assets/astronaut.jpg -o outputs/sample --report outputs/sample/report.json "$@"
+exec .venv/bin/osdface restore assets/astronaut.jpg -o outputs/sample --report outputs/sample/report.json --overwrite "$@"
