@@ -316,6 +316,45 @@ def test_memory_bomb_configs_refused_under_an_address_space_limit(folders, face_
         assert _snapshot(tmp_path / name) == before
 
 
+# ---------------------------------------------------------------- the official layout (--base-model)
+OFFICIAL_CASES = [
+    ("sd_unet_channels", _edit_json("stable-diffusion-2-1-base/unet/config.json", block_out_channels=[10**6, 64]),
+     "stable-diffusion-2-1-base/unet/config.json", "block_out_channels[0] = 1000000"),
+    ("sd_vae_latent_vs_unet", _edit_json("stable-diffusion-2-1-base/vae/config.json", latent_channels=8),
+     "stable-diffusion-2-1-base/unet/config.json", "latent_channels = 8"),
+    ("sd_scheduler_too_short", _edit_json("stable-diffusion-2-1-base/scheduler/scheduler_config.json",
+                                          num_train_timesteps=100),
+     "stable-diffusion-2-1-base/scheduler/scheduler_config.json", "timestep 399"),
+    ("sd_unet_weights_empty", _write(f"stable-diffusion-2-1-base/unet/{WEIGHTS}", b""),
+     f"stable-diffusion-2-1-base/unet/{WEIGHTS}", "not a valid safetensors file"),
+    ("official_lora_nan", _edit_tensors("OSDFace/pytorch_lora_weights.safetensors", _nan_first),
+     "OSDFace/pytorch_lora_weights.safetensors", "NaN or Inf"),
+]
+
+
+@pytest.mark.parametrize("case", OFFICIAL_CASES, ids=[c[0] for c in OFFICIAL_CASES])
+def test_official_layout_problems_are_named(case, official_layout, face_png, tmp_path, capsys):
+    """The same checks guard ``--base-model SD_DIR --weights OSDFACE_DIR`` (``from_official``)."""
+    _, mutate, rel, part = case
+    root = tmp_path / "official"
+    base, weights = official_layout
+    shutil.copytree(base, root / base.name)
+    shutil.copytree(weights, root / weights.name)
+    mutate(root)
+    before_model, before_in = _snapshot(root), _snapshot(face_png.parent)
+    with pytest.raises(ModelFileError) as e:
+        OSDFacePipeline.from_official(root / base.name, root / weights.name)
+    assert str(root / rel) in str(e.value) and part in str(e.value), str(e.value)
+    out = tmp_path / "out"
+    code = main(["restore", "--aligned", str(face_png), "-o", str(out), "--base-model", str(root / base.name),
+                 "--weights", str(root / weights.name)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("osdface: error:")]
+    assert code == 2 and len(errors) == 1 and str(root / rel) in errors[0], err
+    assert not out.exists() or not any(out.iterdir())
+    assert _snapshot(root) == before_model and _snapshot(face_png.parent) == before_in
+
+
 # ------------------------------------------------------------------------------- the bounds
 def test_sd21_and_release_configs_are_inside_the_bounds():
     from osdface.models.prompt_encoder import PromptAdapter, VisualPromptEncoder

@@ -427,16 +427,23 @@ class OSDFacePipeline:
         sched_cfg = _read_component_config(base, "scheduler")
         check_unet_config(unet_cfg, base / "unet" / _CONFIG_NAMES["unet"])
         check_vae_config(vae_cfg, base / "vae" / _CONFIG_NAMES["vae"])
-        check_scheduler_config(sched_cfg, base / "scheduler" / _CONFIG_NAMES["scheduler"])
-        _check_declared_size(UNet2DConditionModel, unet_cfg, base, "unet")
-        _check_declared_size(AutoencoderKL, vae_cfg, base, "vae")
+        n_train = check_scheduler_config(sched_cfg, base / "scheduler" / _CONFIG_NAMES["scheduler"])
+        if TIMESTEP >= n_train:
+            raise ModelFileError(f"{base / 'scheduler' / _CONFIG_NAMES['scheduler']}: num_train_timesteps = {n_train} "
+                                 f"does not include OSDFace's timestep {TIMESTEP}")
+        for field in ("in_channels", "out_channels"):
+            if unet_cfg[field] != vae_cfg["latent_channels"]:
+                raise ModelFileError(f"{base / 'unet' / 'config.json'}: {field} = {unet_cfg[field]} does not match the "
+                                     f"VAE's latent_channels = {vae_cfg['latent_channels']} ({base / 'vae' / 'config.json'})")
+        _check_declared_size(UNet2DConditionModel, unet_cfg, base, "unet", safetensors_only=False)
+        _check_declared_size(AutoencoderKL, vae_cfg, base, "vae", safetensors_only=False)
         vre = load_official_vre(files.vre, vre_config)
-        unet = _load_component(UNet2DConditionModel, base, "unet")
+        unet = _load_component(UNet2DConditionModel, base, "unet", safetensors_only=False)
         adapter = PromptAdapter(vre.config.embed_dim, unet.config.cross_attention_dim)
         adapter.load_state_dict(load_official_adapter_state_dict(files.adapter, expected=adapter.state_dict()),
                                 strict=True)
         _apply_lora(unet, files.lora, lora_alpha, fuse_lora)
-        vae = _load_component(AutoencoderKL, base, "vae")
+        vae = _load_component(AutoencoderKL, base, "vae", safetensors_only=False)
         scheduler = _load_component(DDIMScheduler, base, "scheduler")
         pipe = cls(vae, unet, vre, adapter, scheduler)
         pipe.source = f"{base} + {files.lora.parent}"
@@ -591,16 +598,22 @@ def _read_component_config(root: Path, name: str) -> dict:
     return read_config(root / name / _CONFIG_NAMES[name], f"{_WHAT[name]} config")
 
 
-def _check_declared_size(klass, cfg: dict, root: Path, name: str) -> None:
+def _check_declared_size(klass, cfg: dict, root: Path, name: str, safetensors_only: bool = True) -> None:
     """The component declared by ``cfg`` must fit in its weights: built on the ``meta`` device (no
-    memory), its parameter count × 2 bytes (16-bit storage) may not exceed the safetensors bytes
-    in ``root/name``; each safetensors header must parse. Run after the bounds check of ``cfg``."""
+    memory), its parameter count × 2 bytes (16-bit storage) may not exceed the bytes of its weight
+    files in ``root/name``; each safetensors header must parse. Run after the bounds check of ``cfg``.
+
+    ``safetensors_only=False`` (an SD 2.1-base download, which diffusers may read from ``.bin``)
+    also counts ``diffusion_pytorch_model*.bin`` files.
+    """
     from safetensors import SafetensorError, safe_open
 
     folder = root / name
     files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
-    if not files:
-        raise WeightsNotFoundError(f"{folder}: no {WEIGHTS_NAME} (only safetensors weights are read)")
+    other = [] if safetensors_only else sorted(folder.glob("diffusion_pytorch_model*.bin"))
+    if not files and not other:
+        raise WeightsNotFoundError(f"{folder}: no {WEIGHTS_NAME} (only safetensors weights are read)"
+                                   if safetensors_only else f"{folder}: no diffusion_pytorch_model weights")
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
@@ -614,7 +627,7 @@ def _check_declared_size(klass, cfg: dict, root: Path, name: str) -> None:
     except _LOAD_ERRORS as e:
         raise ModelFileError(f"{config_file}: cannot build the {_WHAT[name]} from it: {_reason(e)}") from e
     numel = sum(p.numel() for p in model.parameters())
-    stored = sum(f.stat().st_size for f in files)
+    stored = sum(f.stat().st_size for f in files + other)
     if numel * 2 > stored:
         raise ModelFileError(
             f"{config_file}: declares a {_WHAT[name]} of {numel} parameters (at least {numel * 2 / 2**20:.1f} MiB "
@@ -622,11 +635,11 @@ def _check_declared_size(klass, cfg: dict, root: Path, name: str) -> None:
         )
 
 
-def _load_component(klass, root: Path, name: str):
-    """``klass.from_pretrained(root, subfolder=name)``, local safetensors only; diffusers' errors
-    (:data:`_LOAD_ERRORS`) become :class:`ModelFileError` naming the subfolder."""
+def _load_component(klass, root: Path, name: str, safetensors_only: bool = True):
+    """``klass.from_pretrained(root, subfolder=name)``, local files (safetensors only unless told);
+    diffusers' errors (:data:`_LOAD_ERRORS`) become :class:`ModelFileError` naming the subfolder."""
     kw: dict[str, Any] = {"local_files_only": True}
-    if name != "scheduler":
+    if name != "scheduler" and safetensors_only:
         kw["use_safetensors"] = True
     try:
         return klass.from_pretrained(root, subfolder=name, **kw)
