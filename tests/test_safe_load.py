@@ -117,3 +117,15 @@ def test_official_files_are_each_read_once(official_layout, monkeypatch):
     monkeypatch.setattr(w, "load_torch_checkpoint", lambda p: reads.append(Path(p).name) or real(p))
     OSDFacePipeline.from_official(*official_layout)
     assert sorted(reads) == ["associate_2.ckpt", "embedding_change_weights.pth"]
+
+
+def test_legacy_and_protocol2_builtins_still_load(tmp_path):
+    """Plain legacy (non-zip) files load; our own reader maps protocol-2 ``__builtin__`` names."""
+    torch.save({"w": torch.arange(3.0)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert torch.equal(load_torch_checkpoint(tmp_path / "legacy.pth")["w"], torch.arange(3.0))
+    ckpt = {"state_dict": {"w": torch.ones(2, 3).t()}, "hp": argparse.Namespace(a=1), "tags": {"x", "y"},
+            "blob": bytearray(b"ab")}
+    torch.save(ckpt, tmp_path / "p2.ckpt", pickle_protocol=2)
+    loaded = load_torch_checkpoint(tmp_path / "p2.ckpt")
+    assert loaded["tags"] == {"x", "y"} and loaded["blob"] == bytearray(b"ab")
+    assert torch.equal(loaded["state_dict"]["w"], torch.ones(3, 2))  # a permuted (transposed) view is fine

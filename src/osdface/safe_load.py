@@ -219,19 +219,25 @@ def check_tensor_layout(t: torch.Tensor, source: str, key: str) -> None:
         )
 
 
-def check_loaded_tensors(obj: Any, source: str) -> None:
-    """Walk a loaded checkpoint (dicts, lists, tuples, inert objects) and check every tensor's layout.
+class _Refused:
+    """Placeholder for a tensor whose layout was refused while unpickling (reported with its key after)."""
 
-    Raises:
-        ModelFileError: a tensor with an implausible layout (see :func:`check_tensor_layout`), or
-            nesting deeper than ``CHECKPOINT_LIMITS['max_nesting']``.
-    """
+    def __init__(self, size: tuple, stride: tuple, problem: str):
+        self.size, self.stride, self.problem = size, stride, problem
+
+    def message(self, source: str, key: str | None) -> str:
+        what = f"tensor '{key}'" if key else "a tensor"
+        return f"{source}: {what} of shape {self.size} with strides {self.stride} is refused: {self.problem}"
+
+
+def _leaves(obj: Any, source: str):
+    """``(key path, item)`` for every tensor (or refused placeholder) in a loaded object, depth-first."""
     stack: list[tuple[Any, str, int]] = [(obj, "", 0)]
     seen: set[int] = set()
     while stack:
         item, where, depth = stack.pop()
-        if isinstance(item, torch.Tensor):
-            check_tensor_layout(item, source, where or "<top level>")
+        if isinstance(item, (torch.Tensor, _Refused)):
+            yield where or "<top level>", item
             continue
         if id(item) in seen or not isinstance(item, (dict, list, tuple, set, frozenset, InertObject)):
             continue
@@ -241,10 +247,23 @@ def check_loaded_tensors(obj: Any, source: str) -> None:
         if isinstance(item, dict):
             children = [(v, f"{where}.{k}" if where else str(k)) for k, v in item.items()]
             if isinstance(item, InertObject):
-                children += [(v, f"{where}.{k}") for k, v in item.__dict__.items()]
+                children += [(v, f"{where}.{k}" if where else str(k)) for k, v in item.__dict__.items()]
         else:
             children = [(v, f"{where}[{i}]") for i, v in enumerate(item)]
-        stack.extend((v, w, depth + 1) for v, w in children)
+        stack.extend((v, w, depth + 1) for v, w in reversed(children))
+
+
+def check_loaded_tensors(obj: Any, source: str) -> None:
+    """Walk a loaded checkpoint (dicts, lists, tuples, inert objects) and check every tensor's layout.
+
+    Raises:
+        ModelFileError: a tensor with an implausible layout (see :func:`check_tensor_layout`), or
+            nesting deeper than ``CHECKPOINT_LIMITS['max_nesting']``.
+    """
+    for where, item in _leaves(obj, source):
+        if isinstance(item, _Refused):
+            raise ModelFileError(item.message(source, where))
+        check_tensor_layout(item, source, where)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,10 +295,35 @@ def _check_record_header(info: zipfile.ZipInfo, source: str, archive_bytes: int)
         )
 
 
+def _verify_compressed(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> None:
+    """Inflate a compressed record in 1 MiB chunks, never past its header's size, checking its CRC.
+
+    Catches headers that understate the inflated size (torch's reader would silently truncate).
+    ``torch.save`` never compresses, so ordinary checkpoints pay nothing here.
+    """
+    left = info.file_size
+    try:
+        with zf.open(info) as f:
+            while True:
+                chunk = f.read(min(1 << 20, left + 1))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                if left < 0:
+                    break
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
+        raise ModelFileError(f"{source}: record '{info.filename}' is corrupt or its header lies ({_reason(e)})") from None
+    if left != 0:
+        raise ModelFileError(f"{source}: record '{info.filename}' does not hold the {info.file_size} bytes its header claims")
+
+
 def _check_archive(zf: zipfile.ZipFile, source: str, archive_bytes: int) -> None:
-    """Check every record's header of a zip checkpoint (before torch or we read any of it)."""
+    """Check every record's header of a zip checkpoint (before torch or we read any of it); inflate
+    compressed records (bounded, see :func:`_verify_compressed`)."""
     for info in zf.infolist():
         _check_record_header(info, source, archive_bytes)
+        if info.compress_type != zipfile.ZIP_STORED:
+            _verify_compressed(zf, info, source)
         if info.filename.endswith("data.pkl") and info.file_size > CHECKPOINT_LIMITS["max_pickle_bytes"]:
             raise ModelFileError(f"{source}: '{info.filename}' has {info.file_size} bytes, over the limit of "
                                  f"{CHECKPOINT_LIMITS['max_pickle_bytes']} (CHECKPOINT_LIMITS['max_pickle_bytes'])")
@@ -343,6 +387,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._source = source
         self._allowed = self._allowed_globals()
         self._storages: dict[str, torch.UntypedStorage] = {}
+        self._refused: list[_Refused] = []
+
+    def load(self) -> Any:
+        """Unpickle; a refused tensor layout raises :class:`ModelFileError` naming its key."""
+        obj = super().load()
+        if self._refused:
+            first = self._refused[0]
+            where = next((w for w, item in _leaves(obj, self._source) if item is first), None)
+            raise ModelFileError(first.message(self._source, where))
+        return obj
 
     # -- globals
     def _allowed_globals(self) -> dict[str, Any]:
@@ -360,6 +414,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             "builtins.str": str,
             "builtins.bytes": self._bytes_of(bytes),
             "builtins.bytearray": self._bytes_of(bytearray),
+            "_codecs.encode": self._latin1_bytes,
             "builtins.object": object,
             "builtins.slice": slice,
             "torch.Size": torch.Size,
@@ -376,6 +431,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return allowed
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == "__builtin__":  # protocol-2 pickles (torch's default) name builtins the Python 2 way
+            module = "builtins"
         full = f"{module}.{name}"
         if full in self._allowed:
             return self._allowed[full]
@@ -399,6 +456,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
         return build
 
+    def _latin1_bytes(self, text: Any, encoding: Any = "latin1") -> bytes:
+        """Protocol-2 pickles write ``bytes`` as ``_codecs.encode(str, 'latin1')``; nothing else is allowed."""
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise self._malformed(f"_codecs.encode({type(text).__name__}, {encoding!r:.20})")
+        return text.encode("latin1")
+
     # -- tensors
     def _view(self, storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None = None):
         if isinstance(storage, _ClaimedStorage):
@@ -416,10 +479,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if size_t is None or stride_t is None or type(offset) is not int:
             raise self._malformed(f"tensor size {size!r:.80}, stride {stride!r:.80}, offset {offset!r:.40}")
         problem = _layout_problem(size_t, stride_t, offset, numel)
-        if problem:
-            raise ModelFileError(
-                f"{self._source}: a tensor of shape {size_t} with strides {stride_t} is refused: {problem}"
-            )
+        if problem:  # nothing is built; reported with its key once the object is complete (load())
+            refused = _Refused(size_t, stride_t, problem)
+            self._refused.append(refused)
+            return refused, size_t, stride_t
         if isinstance(storage, _ClaimedStorage):  # dry run: no data, no allocation
             return torch.empty_strided(size_t, stride_t, dtype=dtype, device="meta"), size_t, stride_t
         return None, size_t, stride_t
@@ -429,28 +492,30 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise self._malformed("a tensor carries backward hooks")
 
     def _rebuild_tensor(self, storage, storage_offset, size, stride):
-        meta, size, stride = self._view(storage, storage_offset, size, stride)
-        return meta if meta is not None else torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
+        early, size, stride = self._view(storage, storage_offset, size, stride)
+        return early if early is not None else torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
 
     def _rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad, backward_hooks,
                            metadata=None):
         self._check_hooks(backward_hooks)
-        meta, size, stride = self._view(storage, storage_offset, size, stride)
-        if meta is not None:
-            return meta
+        early, size, stride = self._view(storage, storage_offset, size, stride)
+        if early is not None:  # a meta tensor (dry run) or a refused layout
+            return early
         return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, bool(requires_grad),
                                                collections.OrderedDict(), metadata)
 
     def _rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
                            metadata=None):
         self._check_hooks(backward_hooks)
-        meta, size, stride = self._view(storage, storage_offset, size, stride, dtype)
-        if meta is not None:
-            return meta
+        early, size, stride = self._view(storage, storage_offset, size, stride, dtype)
+        if early is not None:  # a meta tensor (dry run) or a refused layout
+            return early
         return torch._utils._rebuild_tensor_v3(storage, storage_offset, size, stride, bool(requires_grad),
                                                collections.OrderedDict(), dtype, metadata)
 
     def _parameter(self, data: Any = None, requires_grad: Any = True):
+        if isinstance(data, _Refused):
+            return data
         if not isinstance(data, torch.Tensor):
             raise self._malformed(f"a Parameter built from a {type(data).__name__}")
         return torch.nn.Parameter(data, bool(requires_grad))
@@ -551,31 +616,43 @@ def _torch_refusal(e: BaseException) -> str:
 
 
 def _scan_legacy(path: Path) -> None:
-    """Dry-run a legacy (non-zip) checkpoint: globals, storage declarations against the bytes in the file."""
-    source = str(path)
-    claims: dict[str, tuple[int, torch.dtype]] = {}
+    """Dry-run a legacy (non-zip) checkpoint file (see :func:`_scan_legacy_buffer`)."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        magic = _guarded_load(_LegacyScanUnpickler(mm, source, claims), source)
-        if magic != _LEGACY_MAGIC_NUMBER:
-            raise ModelFileError(f"{source}: a pickle file, not a PyTorch checkpoint (no PyTorch magic number)")
-        if _guarded_load(_LegacyScanUnpickler(mm, source, claims), source) != _LEGACY_PROTOCOL_VERSION:
-            raise ModelFileError(f"{source}: legacy PyTorch checkpoint of an unknown protocol version")
-        _guarded_load(_LegacyScanUnpickler(mm, source, claims), source)  # sys_info
-        _guarded_load(_LegacyScanUnpickler(mm, source, claims), source)  # the object (dry run)
-        keys = _guarded_load(_LegacyScanUnpickler(mm, source, claims), source)
-        if not (isinstance(keys, list) and all(type(k) is str for k in keys)) or set(keys) != set(claims):
-            raise ModelFileError(f"{source}: legacy checkpoint's storage list does not match its tensors")
-        pos = mm.tell()
-        for key in keys:
-            numel, dtype = claims[key]
-            head = mm[pos: pos + 8]
-            if len(head) != 8 or struct.unpack("<q", head)[0] != numel:
-                raise ModelFileError(f"{source}: legacy storage '{key}' declares {numel} elements but its data "
-                                     "record disagrees (truncated or corrupt file)")
-            pos += 8 + numel * torch._utils._element_size(dtype)
-            if pos > len(mm):
-                raise ModelFileError(f"{source}: legacy storage '{key}' declares {numel} elements, past the end of "
-                                     f"the {len(mm)}-byte file")
+        _scan_legacy_buffer(mm, str(path))
+
+
+def _scan_legacy_buffer(buf: bytes | mmap.mmap, source: str) -> None:
+    """Dry-run a legacy (non-zip) checkpoint: globals, storage declarations against the bytes present.
+
+    Reads are bounded by ``buf`` (a memory map or bytes), so a size claimed in the pickle cannot
+    make this allocate.
+    """
+    claims: dict[str, tuple[int, torch.dtype]] = {}
+    f = io.BytesIO(buf) if isinstance(buf, bytes) else buf
+
+    def load_next() -> Any:
+        return _guarded_load(_LegacyScanUnpickler(f, source, claims), source)
+
+    if load_next() != _LEGACY_MAGIC_NUMBER:
+        raise ModelFileError(f"{source}: a pickle file, not a PyTorch checkpoint (no PyTorch magic number)")
+    if load_next() != _LEGACY_PROTOCOL_VERSION:
+        raise ModelFileError(f"{source}: legacy PyTorch checkpoint of an unknown protocol version")
+    load_next()  # sys_info
+    load_next()  # the object (dry run: tensors on the meta device)
+    keys = load_next()
+    if not (isinstance(keys, list) and all(type(k) is str for k in keys)) or set(keys) != set(claims):
+        raise ModelFileError(f"{source}: legacy checkpoint's storage list does not match its tensors")
+    pos = f.tell()
+    for key in keys:
+        numel, dtype = claims[key]
+        head = buf[pos: pos + 8]
+        if len(head) != 8 or struct.unpack("<q", head)[0] != numel:
+            raise ModelFileError(f"{source}: legacy storage '{key}' declares {numel} elements but its data "
+                                 "record disagrees (truncated or corrupt file)")
+        pos += 8 + numel * torch._utils._element_size(dtype)
+        if pos > len(buf):
+            raise ModelFileError(f"{source}: legacy storage '{key}' declares {numel} elements, past the end of "
+                                 f"the {len(buf)}-byte file")
 
 
 def _load_zip(path: Path) -> Any:
@@ -644,16 +721,25 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
 
 
 def load_torch_checkpoint_bytes(data: bytes, source: str) -> Any:
-    """:func:`load_torch_checkpoint` for an in-memory zip checkpoint (e.g. a file inside a wheel).
+    """:func:`load_torch_checkpoint` for an in-memory checkpoint (e.g. a file inside a wheel).
 
     Raises:
         UnsafeCheckpointError, ModelFileError: as :func:`load_torch_checkpoint`, naming ``source``.
     """
-    buf = io.BytesIO(data)
-    if not zipfile.is_zipfile(buf):
-        raise ModelFileError(f"{source}: not a PyTorch zip checkpoint")
+    data = bytes(data)
+    if data[:1] == b"\x80":  # legacy (non-zip) format
+        _scan_legacy_buffer(data, source)
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except _MALFORMED as e:
+            raise ModelFileError(f"{source}: legacy (non-zip) PyTorch checkpoint not readable "
+                                 f"({_torch_refusal(e)})") from None
+        check_loaded_tensors(obj, source)
+        return obj
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise ModelFileError(f"{source}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
-        with zipfile.ZipFile(buf) as zf:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
             _check_archive(zf, source, len(data))
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

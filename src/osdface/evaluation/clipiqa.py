@@ -107,9 +107,11 @@ def _torchscript_unpickler_class():
 
 
 def _archive_prefix(zf: zipfile.ZipFile, source: str) -> str:
+    from ..errors import ModelFileError
+
     pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
     if len(pkl) != 1:
-        raise ValueError(f"{source}: not a PyTorch archive (no single data.pkl inside)")
+        raise ModelFileError(f"{source}: not a PyTorch archive (no single data.pkl inside)")
     return pkl[0][: -len("data.pkl")]
 
 
@@ -163,21 +165,29 @@ def read_torchscript_state_dict(path: str | os.PathLike) -> dict[str, torch.Tens
     attributes are not state). Tensors keep their stored dtype (OpenAI's file mixes float16 and
     float32) and are on the CPU.
 
+    Records and tensors are checked as in :func:`osdface.safe_load.load_torch_checkpoint` (record
+    sizes and compression, tensor layouts) before anything large is allocated.
+
     Raises:
         osdface.safe_load.UnsafeCheckpointError: the pickle references code.
-        ValueError: not a TorchScript archive of a module.
+        osdface.errors.ModelFileError: not a TorchScript archive of a module, or a malformed /
+            implausible one (a ``ValueError``).
     """
-    from ..safe_load import InertObject
+    from ..errors import ModelFileError
+    from ..safe_load import InertObject, _load_archive_pickle
 
     path = Path(path)
     if not is_torchscript_archive(path):
-        raise ValueError(f"{path}: not a TorchScript archive")
-    with zipfile.ZipFile(path) as zf:
-        prefix = _archive_prefix(zf, str(path))
-        decls = _torchscript_declarations(zf, prefix)
-        root = _torchscript_unpickler_class()(zf.read(f"{prefix}data.pkl"), zf, prefix, str(path)).load()
+        raise ModelFileError(f"{path}: not a TorchScript archive")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            prefix = _archive_prefix(zf, str(path))
+            root = _load_archive_pickle(zf, str(path), _torchscript_unpickler_class())  # checks every record first
+            decls = _torchscript_declarations(zf, prefix)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ModelFileError(f"{path}: unreadable TorchScript archive ({e})") from None
     if not (isinstance(root, InertObject) and root._qualname.startswith("__torch__")):
-        raise ValueError(f"{path}: the TorchScript archive does not hold a module (root is {type(root).__name__})")
+        raise ModelFileError(f"{path}: the TorchScript archive does not hold a module (root is {type(root).__name__})")
 
     out: dict[str, torch.Tensor] = {}
     undeclared: set[str] = set()

