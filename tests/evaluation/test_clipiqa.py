@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 import torch
 from torch import nn
 
+from osdface.errors import ModelFileError
 from osdface.evaluation.clipiqa import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -107,25 +109,49 @@ def _save_torchscript(clip: nn.Module, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_rn50_key_table_and_release_layout_loads(tmp_path):
+#: a release-layout parameter stored expanded (stride 0) in the ``expanded`` variant
+_EXPANDED_KEY = "text_projection"
+
+
+@pytest.fixture(scope="module")
+def rn50_release(tmp_path_factory) -> dict[str, Path]:
+    """TorchScript archives in the release layout (~250 MB), written once: folders by variant.
+
+    Float16 where OpenAI's file is, metadata buffers, every tensor densely filled with its own
+    index in ``KEYS["keys"]`` so that any name mix-up is visible after loading. Variants:
+    ``release``, and ``expanded`` (the same with :data:`_EXPANDED_KEY` stored as a stride-0 view).
+    """
+    root = tmp_path_factory.mktemp("clip_release")
     with torch.device("meta"):
         model = build_clip()
-    assert {k: list(v.shape) for k, v in model.state_dict().items()} == KEYS["keys"]
-    assert openai_fp16_keys(model) == KEYS["openai_fp16"]
-
-    # a TorchScript archive in the release layout: float16 where OpenAI's file is, metadata buffers,
-    # every tensor filled with its own index so that any name mix-up is visible after loading
-    # (stored as stride-0 expansions of one value, to keep the 100M-parameter archive small)
     model = model.to_empty(device="cpu")
     fp16 = set(KEYS["openai_fp16"])
     order = list(KEYS["keys"])
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if name in KEYS["keys"]:
             dtype = torch.float16 if name in fp16 else t.dtype
-            t.data = torch.full((), order.index(name), dtype=dtype).expand(t.shape)
-    path = tmp_path / "RN50.pt"
-    _save_torchscript(model, path)
+            t.data = torch.full(t.shape, order.index(name), dtype=dtype)
+    for variant in ("release", "expanded"):
+        if variant == "expanded":
+            p = getattr(model, _EXPANDED_KEY)
+            p.data = p.data[:1, :1].expand(p.shape)
+        (root / variant).mkdir()
+        _save_torchscript(model, root / variant / "RN50.pt")
+    del model, p
+    yield {v.name: v for v in root.iterdir()}
+    shutil.rmtree(root, ignore_errors=True)
 
+
+def test_rn50_key_table_and_release_layout_loads(rn50_release):
+    with torch.device("meta"):
+        model = build_clip()
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == KEYS["keys"]
+    assert openai_fp16_keys(model) == KEYS["openai_fp16"]
+
+    # the release-layout archive (see rn50_release): every tensor holds its own index
+    fp16 = set(KEYS["openai_fp16"])
+    order = list(KEYS["keys"])
+    path = rn50_release["release"] / "RN50.pt"
     sd = load_clip_state_dict(path)
     assert {k: list(v.shape) for k, v in sd.items()} == KEYS["keys"]  # metadata buffers dropped
     assert {k for k, v in sd.items() if v.dtype == torch.float16} == fp16
@@ -136,6 +162,13 @@ def test_rn50_key_table_and_release_layout_loads(tmp_path):
     for name, v in target.state_dict().items():
         assert v.dtype in (torch.float32, torch.int64)
         assert torch.all(v == order.index(name)), name
+
+
+def test_expanded_tensor_in_release_layout_refused_by_name(rn50_release):
+    """A stride-0 (expanded) tensor in the release archive is refused, naming the file and the key."""
+    with pytest.raises(ModelFileError, match=r"RN50\.pt") as e:
+        CLIPIQAMetric(weights_dir=rn50_release["expanded"])
+    assert _EXPANDED_KEY in str(e.value) and "expanded" in str(e.value)
 
 
 def test_strict_check_names_file_and_keys(tmp_path, tiny_sd):
@@ -172,6 +205,10 @@ def test_containers_prefixes_and_safetensors_are_accepted(tmp_path, tiny_sd):
         sd = load_clip_state_dict(tmp_path / name)
         assert sorted(sd) == sorted(tiny_sd), name
         assert all(torch.equal(sd[k], tiny_sd[k]) for k in sd), name
+    # a damaged safetensors file is refused naming the file and safetensors' reason
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "plain.safetensors").read_bytes()[:-64])
+    with pytest.raises(ModelFileError, match=r"cut\.safetensors: not a valid safetensors file \(.+\)"):
+        load_clip_state_dict(tmp_path / "cut.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from osdface.errors import ModelFileError
 from osdface.evaluation.maniqa import (
     MANIQA_VARIANTS,
     MANIQAMetric,
@@ -96,25 +98,58 @@ def test_state_dict_equals_released_key_table():
 
 
 def _released_layout(table: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random tensors with exactly the released keys/shapes/dtypes (stride-0 views: tiny files at real size)."""
+    """Random dense tensors with exactly the released keys/shapes/dtypes (rows repeat one random vector)."""
     out = {}
     for k, shape in table["shapes"].items():
         if table["dtypes"].get(k) == "int64":
-            out[k] = torch.randint(0, 49, (shape[-1],), generator=generator).expand(shape)
+            out[k] = torch.randint(0, 49, (shape[-1],), generator=generator).expand(shape).clone()
         else:
-            out[k] = torch.randn(shape[-1], generator=generator).expand(shape)
+            out[k] = torch.randn(shape[-1], generator=generator).expand(shape).clone()
     return out
 
 
-def test_released_layout_loads_at_real_size(tmp_path):
+_CHECKED = ("vit.pos_embed", "vit.blocks.9.mlp.fc2.weight", "tablock1.0.c_q.weight", "conv1.weight",
+            "swintransformer2.layers.1.blocks.1.attn_mask",
+            "swintransformer1.layers.0.blocks.0.attn.relative_position_index", "fc_weight.3.bias")
+_DEFECT_KEY = "swintransformer1.layers.1.blocks.0.mlp.fc1.weight"
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory) -> tuple[dict[str, Path], dict[str, torch.Tensor]]:
+    """Real-size files of the released layout (~550 MB each), written once: ``(folders by variant, checked tensors)``.
+
+    Variants: ``plain`` (the IIGROUP/pyiqa release: a flat state dict), the defects ``missing`` /
+    ``extra`` / ``shape``, and ``expanded`` (one stride-0 tensor of the right shape).
+    """
     table = json.loads((DATA / "maniqa_keys.json").read_text())
+    root = tmp_path_factory.mktemp("maniqa_released")
     sd = _released_layout(table, torch.Generator().manual_seed(3))
-    torch.save(sd, weight_file(tmp_path))  # IIGROUP/pyiqa release: a flat state dict
-    m = MANIQAMetric(weights_dir=tmp_path)
+    checked = {k: sd[k].clone() for k in _CHECKED}
+
+    def save(variant, obj):
+        (root / variant).mkdir()
+        torch.save(obj, weight_file(root / variant))
+
+    save("plain", sd)
+    original = sd.pop(_DEFECT_KEY)
+    save("missing", sd)
+    sd["vit.head_dist.weight"] = torch.zeros(3)
+    save("extra", sd)
+    del sd["vit.head_dist.weight"]
+    sd[_DEFECT_KEY] = torch.zeros(table["shapes"][_DEFECT_KEY][0], 5)
+    save("shape", sd)
+    sd[_DEFECT_KEY] = original[:1, :1].expand(original.shape)  # right shape, stride 0
+    save("expanded", sd)
+    del sd, original
+    yield {v.name: v for v in root.iterdir()}, checked
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_released_layout_loads_at_real_size(released):
+    dirs, sd = released
+    m = MANIQAMetric(weights_dir=dirs["plain"])
     own = m.net.state_dict()
-    for k in ("vit.pos_embed", "vit.blocks.9.mlp.fc2.weight", "tablock1.0.c_q.weight", "conv1.weight",
-              "swintransformer2.layers.1.blocks.1.attn_mask", "swintransformer1.layers.0.blocks.0.attn."
-              "relative_position_index", "fc_weight.3.bias"):
+    for k in _CHECKED:
         assert torch.equal(own[k], sd[k]), k
     assert not any(p.requires_grad for p in m.net.parameters()) and not m.net.training
     assert m.net.swintransformer1.scale == 0.8  # pyiqa's default `maniqa` = KonIQ (scale 0.8)
@@ -131,22 +166,20 @@ def test_released_containers_accepted(tmp_path, tiny_sd, container):
 
 
 @pytest.mark.parametrize("defect", ["missing", "extra", "shape"])
-def test_mismatching_file_refused_with_its_name(tmp_path, defect):
-    table = json.loads((DATA / "maniqa_keys.json").read_text())
-    sd = _released_layout(table, torch.Generator().manual_seed(4))
-    key = "swintransformer1.layers.1.blocks.0.mlp.fc1.weight"
-    if defect == "missing":
-        del sd[key]
-    elif defect == "extra":
-        sd["vit.head_dist.weight"] = torch.zeros(3)
-        key = "vit.head_dist.weight"
-    else:
-        sd[key] = torch.zeros(table["shapes"][key][0], 5)
-    path = weight_file(tmp_path)
-    torch.save(sd, path)
+def test_mismatching_file_refused_with_its_name(released, defect):
+    key = "vit.head_dist.weight" if defect == "extra" else _DEFECT_KEY
+    path = weight_file(released[0][defect])
     with pytest.raises(ValueError) as e:
-        MANIQAMetric(weights_dir=tmp_path)
+        MANIQAMetric(weights_dir=path.parent)
     assert str(path) in str(e.value) and key in str(e.value)
+
+
+def test_expanded_tensor_refused_by_name(released):
+    """A stride-0 (expanded) tensor in the released layout is refused, naming the file and the key."""
+    path = weight_file(released[0]["expanded"])
+    with pytest.raises(ModelFileError) as e:
+        MANIQAMetric(weights_dir=path.parent)
+    assert str(path) in str(e.value) and _DEFECT_KEY in str(e.value) and "expanded" in str(e.value)
 
 
 def test_non_state_dict_file_refused(tmp_path):

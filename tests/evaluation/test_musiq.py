@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from osdface.errors import ModelFileError
 from osdface.evaluation.musiq import (
     MUSIQ,
     MUSIQMetric,
@@ -62,10 +64,47 @@ def key_table():
 # ----------------------------------------------------------------------------------------------
 
 
+#: keys whose loaded values are compared with the file's
+_CHECKED = ("conv_root.weight", "embedding.weight", "transformer_encoder.posembed_input.position_emb", "head.weight",
+            "head.bias", "transformer_encoder.transformer.encoderblock_13.mlp.fc2.weight")
+_DEFECT_KEY = "transformer_encoder.transformer.encoderblock_3.attention.key.weight"
+
+
 def _released_like(key_table, seed=0):
-    """Random tensors of exactly the released layout, stored as broadcast scalars (tiny files)."""
+    """Random dense tensors of exactly the released layout (one random value per tensor)."""
     g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(1, generator=g).expand(shape) for k, shape in key_table.items()}
+    return {k: torch.randn(1, generator=g).expand(shape).clone() for k, shape in key_table.items()}
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory, key_table):
+    """Real-size files of the released layout, written once: ``(folders by variant, checked tensors)``.
+
+    Variants: ``plain`` (upstream name, flat state dict), ``wrapped`` (``params`` + ``module.``),
+    the defects ``missing`` / ``extra`` / ``shape``, and ``expanded`` (one stride-0 tensor).
+    """
+    root = tmp_path_factory.mktemp("musiq_released")
+    sd = _released_like(key_table)
+    checked = {k: sd[k].clone() for k in _CHECKED}
+
+    def save(variant, obj, name="musiq_koniq.pth"):
+        (root / variant).mkdir()
+        torch.save(obj, root / variant / name)
+
+    save("plain", sd, "musiq_koniq_ckpt-e95806b9.pth")  # upstream name, plain state dict
+    save("wrapped", {"params": {f"module.{k}": v for k, v in sd.items()}})
+    original = sd.pop(_DEFECT_KEY)
+    save("missing", sd)
+    sd["transformer_encoder.transformer.encoderblock_14.norm1.weight"] = torch.ones(384)
+    save("extra", sd)
+    del sd["transformer_encoder.transformer.encoderblock_14.norm1.weight"]
+    sd[_DEFECT_KEY] = torch.zeros(384, 383)
+    save("shape", sd)
+    sd[_DEFECT_KEY] = original[:1, :1].expand(original.shape)  # right shape, stride 0
+    save("expanded", sd)
+    del sd, original
+    yield {v.name: v for v in root.iterdir()}, checked
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_state_dict_equals_released_key_table(key_table):
@@ -75,41 +114,35 @@ def test_state_dict_equals_released_key_table(key_table):
     assert own == key_table
 
 
-def test_loads_released_layout(tmp_path, key_table):
-    sd = _released_like(key_table)
-    torch.save(sd, tmp_path / "musiq_koniq_ckpt-e95806b9.pth")  # upstream name, plain state dict
-    m = MUSIQMetric(weights_dir=tmp_path)
+def test_loads_released_layout(released):
+    dirs, sd = released
+    m = MUSIQMetric(weights_dir=dirs["plain"])
     got = m.net.state_dict()
-    for k in ("conv_root.weight", "embedding.weight", "transformer_encoder.posembed_input.position_emb", "head.bias",
-              "transformer_encoder.transformer.encoderblock_13.mlp.fc2.weight"):
-        assert torch.equal(got[k], sd[k].expand_as(got[k])), k
+    for k in _CHECKED:
+        assert torch.equal(got[k], sd[k]), k
     assert not any(p.requires_grad for p in m.net.parameters()) and not m.net.training
     assert m.name == "musiq" and not m.full_reference and not m.lower_better
 
 
-def test_loads_wrapped_and_prefixed_container(tmp_path, key_table):
-    sd = _released_like(key_table, seed=1)
-    torch.save({"params": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "musiq_koniq.pth")
-    m = MUSIQMetric(weights_dir=tmp_path)
-    assert torch.equal(m.net.state_dict()["head.weight"], sd["head.weight"].contiguous())
+def test_loads_wrapped_and_prefixed_container(released):
+    dirs, sd = released
+    m = MUSIQMetric(weights_dir=dirs["wrapped"])
+    assert torch.equal(m.net.state_dict()["head.weight"], sd["head.weight"])
 
 
 @pytest.mark.parametrize("defect", ["missing", "extra", "shape"])
-def test_refuses_wrong_layout_naming_file(tmp_path, key_table, defect):
-    sd = _released_like(key_table)
-    key = "transformer_encoder.transformer.encoderblock_3.attention.key.weight"
-    if defect == "missing":
-        del sd[key]
-    elif defect == "extra":
-        sd["transformer_encoder.transformer.encoderblock_14.norm1.weight"] = torch.ones(384)
-        key = "encoderblock_14"
-    else:
-        sd[key] = torch.zeros(384, 383)
-    path = tmp_path / "musiq_koniq.pth"
-    torch.save(sd, path)
+def test_refuses_wrong_layout_naming_file(released, defect):
+    key = "encoderblock_14" if defect == "extra" else _DEFECT_KEY
     with pytest.raises(ValueError, match=r"musiq_koniq\.pth") as e:
-        MUSIQMetric(weights_dir=tmp_path)
+        MUSIQMetric(weights_dir=released[0][defect])
     assert key in str(e.value)
+
+
+def test_refuses_expanded_tensor_by_name(released):
+    """A stride-0 (expanded) tensor in the released layout is refused, naming the file and the key."""
+    with pytest.raises(ModelFileError, match=r"musiq_koniq\.pth") as e:
+        MUSIQMetric(weights_dir=released[0]["expanded"])
+    assert _DEFECT_KEY in str(e.value) and "expanded" in str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------

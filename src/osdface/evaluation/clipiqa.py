@@ -219,6 +219,11 @@ def load_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     a ``torch.save`` state dict (``weights_only``; ``state_dict`` / ``model`` / ``params``
     containers and ``module.`` prefixes are unwrapped) or a ``.safetensors`` file (recognised by
     content, whatever its name). The metadata buffers :data:`OPENAI_METADATA_KEYS` are dropped.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ModelFileError: an unreadable or malformed file (named, with the reason).
+        UnsafeCheckpointError: a pickle that would run code.
     """
     path = Path(path)
     if not path.is_file():
@@ -229,12 +234,9 @@ def load_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         with open(path, "rb") as f:
             head = f.read(9)
         if not zipfile.is_zipfile(path) and len(head) == 9 and head[8:9] == b"{":
-            from safetensors.torch import load_file
+            from ..safe_load import load_safetensors
 
-            try:
-                sd = load_file(str(path))
-            except Exception as e:  # safetensors raises its own error types
-                raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+            sd = load_safetensors(path, what="CLIP weights")  # ModelFileError naming the file and the reason
         else:
             from ..safe_load import load_torch_checkpoint
 
