@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..constants import TIMESTEP
+from ..errors import ModelFileError, WeightsNotFoundError
 from ..image import to_model_range
 from ..losses.bundle import LossBundle
 from ..losses.pixel import MSELoss
@@ -50,7 +51,7 @@ from ..models.lora import DEFAULT_UNET_LORA_TARGETS
 from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder
 from ..utils.io import atomic_path, write_text_atomic
 from ..utils.logging import get_logger
-from .checkpoint import resolve_checkpoint
+from .checkpoint import load_module_folder, normalize_permissions, resolve_checkpoint
 from .config import ConfigError, DataConfig, TrainConfig, check_bounds, dump_yaml, load_config
 from .trainer import Trainer, TrainingTask
 
@@ -233,20 +234,36 @@ def load_generator_config(path: str | os.PathLike | None = None, overrides: Sequ
 
 
 # ------------------------------------------------------------------------------ components
+def load_vre_folder(folder: str | os.PathLike) -> VisualPromptEncoder:
+    """A :class:`VisualPromptEncoder` ``save_pretrained`` folder, its config checked against
+    :mod:`osdface.model_limits` and its declared size against its weights before anything is built.
+
+    Raises:
+        WeightsNotFoundError, ModelFileError: see :func:`~osdface.training.checkpoint.load_module_folder`.
+    """
+    from ..model_limits import check_vre_config
+
+    return load_module_folder(VisualPromptEncoder, folder, "visual prompt encoder", check=check_vre_config)
+
+
 def load_vre(path: str | os.PathLike) -> VisualPromptEncoder:
     """A frozen VRE from a ``VisualPromptEncoder`` folder or an ``associate_2.ckpt``-layout file.
 
     The architecture of a checkpoint file is read from its tensor shapes (as ``from_official``).
+
+    Raises:
+        WeightsNotFoundError: nothing usable at ``path``.
+        ModelFileError / UnsafeCheckpointError: a malformed, implausible or unsafe file (named).
     """
-    from ..weights import WeightsNotFoundError, load_official_vre
+    from ..weights import load_official_vre
 
     p = Path(path).expanduser()
     if p.is_dir():
         if (p / "config.json").is_file():
-            return VisualPromptEncoder.from_pretrained(p, local_files_only=True)
+            return load_vre_folder(p)
         for sub in (p / "vre", p / "export" / "vre"):  # a stage-1 export or run folder
             if (sub / "config.json").is_file():
-                return VisualPromptEncoder.from_pretrained(sub, local_files_only=True)
+                return load_vre_folder(sub)
         if (p / OFFICIAL_VRE_NAME).is_file():
             p = p / OFFICIAL_VRE_NAME
         else:
@@ -260,20 +277,40 @@ def load_vre(path: str | os.PathLike) -> VisualPromptEncoder:
     return load_official_vre(p)
 
 
+def load_base_model(base_model: str | os.PathLike) -> dict[str, Any]:
+    """``{"unet", "vae", "scheduler"}`` of a Stable Diffusion 2.1-base diffusers folder, each config
+    checked against :mod:`osdface.model_limits` (and each declared size against its weights) first.
+
+    Raises:
+        WeightsNotFoundError: a subfolder, config or weights file is missing.
+        ModelFileError: a malformed or implausible config or weights file (named).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from ..model_limits import check_scheduler_config, check_unet_config, check_vae_config
+    from ..weights import check_base_model_dir
+
+    base = check_base_model_dir(base_model)
+    return {
+        "unet": load_module_folder(UNet2DConditionModel, base / "unet", "UNet", check=check_unet_config),
+        "vae": load_module_folder(AutoencoderKL, base / "vae", "VAE", check=check_vae_config),
+        "scheduler": load_module_folder(DDIMScheduler, base / "scheduler", "scheduler",
+                                        check=check_scheduler_config, config_name="scheduler_config.json",
+                                        weights=False),
+    }
+
+
 def load_components(cfg: GeneratorModelConfig) -> dict[str, Any]:
     """Read the base model and the VRE/adapter/LoRA starting point named by ``cfg`` (local files only).
 
     Returns ``{"vae", "unet", "scheduler", "vre", "prompt_adapter" (or None), "lora" (state dict or None)}``.
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from ..weights import (
-        WeightsNotFoundError,
-        check_base_model_dir,
-        find_official_files,
-        load_lora_file,
-        load_official_adapter_state_dict,
-    )
+    Raises:
+        WeightsNotFoundError: a folder or file is missing.
+        ModelFileError / UnsafeCheckpointError / LoraFormatError: a malformed, implausible or
+            unsafe file (the message names it).
+    """
+    from ..weights import find_official_files, load_lora_file, load_official_adapter_state_dict
 
     if not cfg.base_model:
         raise WeightsNotFoundError("no base model: pass --base-model SD_DIR (the Stable Diffusion 2.1-base "
@@ -281,15 +318,7 @@ def load_components(cfg: GeneratorModelConfig) -> dict[str, Any]:
     if not cfg.vre and not cfg.weights:
         raise WeightsNotFoundError("no VRE: pass --vre PATH (stage-1 export or associate_2.ckpt) to train from "
                                    "scratch, or --weights OSDFACE_DIR to fine-tune the official release")
-    base = check_base_model_dir(cfg.base_model)
-    kw = {"local_files_only": True}
-    out: dict[str, Any] = {
-        "unet": UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kw),
-        "vae": AutoencoderKL.from_pretrained(base, subfolder="vae", **kw),
-        "scheduler": DDIMScheduler.from_pretrained(base, subfolder="scheduler", **kw),
-        "prompt_adapter": None,
-        "lora": None,
-    }
+    out: dict[str, Any] = {**load_base_model(cfg.base_model), "prompt_adapter": None, "lora": None}
     if cfg.weights:
         files = find_official_files(cfg.weights)
         vre = load_vre(cfg.vre or files.vre)
@@ -347,16 +376,34 @@ class DiscriminatorFolder:
 
 
 def load_discriminator(folder: str | os.PathLike, unet) -> LatentDiscriminator:
-    """Rebuild a checkpointed discriminator: backbone copied from ``unet``, LoRA + head from ``folder``."""
-    from safetensors.torch import load_file
+    """Rebuild a checkpointed discriminator: backbone copied from ``unet``, LoRA + head from ``folder``.
+
+    Raises:
+        ModelFileError: a malformed or implausible config, or tensors that do not match it (named).
+    """
+    from ..safe_load import load_safetensors
+    from ..utils.io import read_json
 
     folder = Path(folder)
-    disc = LatentDiscriminator.from_config(LatentDiscriminator.load_config(folder))
+    config_file = folder / "config.json"
+    cfg = read_json(config_file, what="discriminator config")
+    if not isinstance(cfg, dict):
+        raise ModelFileError(f"{config_file}: the discriminator config must be a JSON object")
+    try:  # the head and LoRA sizes against the training config's bounds (the backbone is the UNet's)
+        LatentDiscriminatorConfig(**{k: cfg[k] for k in ("head_channels", "lora_rank", "lora_alpha") if k in cfg})
+    except (ConfigError, TypeError) as e:
+        raise ModelFileError(f"{config_file}: {e}") from None
+    try:
+        disc = LatentDiscriminator.from_config(cfg)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ModelFileError(f"{config_file}: cannot build the discriminator from it ({e})") from e
     disc.load_backbone_from_unet(unet)
-    sd = load_file(str(folder / DISC_TRAINABLE_NAME))
-    expected = set(disc.trainable_state_dict())
-    if set(sd) != expected:
-        raise ValueError(f"{folder}: trainable tensors do not match the discriminator config")
+    sd = load_safetensors(folder / DISC_TRAINABLE_NAME, what="discriminator")
+    expected = disc.trainable_state_dict()
+    wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    if set(sd) != set(expected) or wrong:
+        raise ModelFileError(f"{folder / DISC_TRAINABLE_NAME}: trainable tensors do not match the discriminator "
+                             f"config ({len(set(sd) ^ set(expected))} keys differ, {len(wrong)} shapes differ)")
     disc.load_state_dict(sd, strict=False)
     return disc
 
@@ -454,13 +501,16 @@ def build_generator(cfg: GeneratorExperiment, components: dict[str, Any]):
     m = cfg.model
     unet, vae, vre = components["unet"], components["vae"], components["vre"]
     if getattr(unet, "peft_config", None):
-        raise ValueError("the base UNet already carries a peft adapter; pass the plain SD UNet")
+        raise ModelFileError(f"{m.base_model or 'the base UNet'}: the UNet already carries a peft adapter; "
+                             "pass the plain SD 2.1-base UNet")
     adapter = components.get("prompt_adapter")
     if adapter is None:
         adapter = PromptAdapter(vre.config.embed_dim, unet.config.cross_attention_dim)
     if adapter.config.in_channels != vre.config.embed_dim or adapter.config.out_channels != unet.config.cross_attention_dim:
-        raise ValueError(f"prompt adapter {adapter.config.in_channels}→{adapter.config.out_channels} does not fit "
-                         f"VRE width {vre.config.embed_dim} / UNet cross-attention {unet.config.cross_attention_dim}")
+        raise ModelFileError(
+            f"prompt adapter {adapter.config.in_channels}→{adapter.config.out_channels} does not fit VRE width "
+            f"{vre.config.embed_dim} ({m.vre or m.weights}) / UNet cross-attention {unet.config.cross_attention_dim} "
+            f"({m.base_model})")
     disc = None
     if cfg.loss.gan > 0:
         d = m.discriminator
@@ -608,16 +658,22 @@ class GeneratorTask(TrainingTask):
                 weights[j] = {k: v for k, v in weights[j].items() if strip(k) in want}
 
         def load_hook(models, input_dir):
-            from safetensors.torch import load_file
+            from ..safe_load import load_safetensors
 
             for j, model in enumerate(list(models)):
                 want = keys[index_of(model)]
                 f = Path(input_dir) / ("model.safetensors" if j == 0 else f"model_{j}.safetensors")
-                sd = {strip(k): v for k, v in load_file(str(f)).items()}
+                sd = {strip(k): v for k, v in load_safetensors(f, what="training state").items()}
                 if set(sd) != want:
-                    raise ValueError(f"{f}: trainable tensors do not match this run's models "
-                                     f"({len(set(sd) ^ want)} differ); was it written with another config?")
-                acc.unwrap_model(model).load_state_dict(sd, strict=False)
+                    raise ModelFileError(f"{f}: trainable tensors do not match this run's models "
+                                         f"({len(set(sd) ^ want)} differ); was it written with another config?")
+                inner = acc.unwrap_model(model)
+                current = inner.state_dict()
+                wrong = sorted(k for k in sd if sd[k].shape != current[k].shape)
+                if wrong:
+                    raise ModelFileError(f"{f}: tensor {wrong[0]!r} has shape {tuple(sd[wrong[0]].shape)}, this run's "
+                                         f"model {tuple(current[wrong[0]].shape)}; was it written with another config?")
+                inner.load_state_dict(sd, strict=False)
             models.clear()  # loaded here; accelerate must not try the full state dicts
 
         acc.register_save_state_pre_hook(save_hook)
@@ -805,20 +861,22 @@ def write_official_layout_files(vre: VisualPromptEncoder, adapter: PromptAdapter
       with ``torch.load(weights_only=True)`` and the official prefix filter;
     * ``embedding_change_weights.pth``: the adapter's plain 4-tensor state dict;
     * ``pytorch_lora_weights.safetensors``: PEFT keys ``unet.<module>.lora_A.weight`` / ``lora_B``.
+
+    All three are written to temporaries first and renamed only when all three succeeded.
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / OFFICIAL_VRE_NAME) as tmp:
-        torch.save({"state_dict": {f"vqvae_LQ.{k}": v.detach().float().cpu().clone()
-                                   for k, v in vre.state_dict().items()}}, tmp)
-    with atomic_path(out / OFFICIAL_ADAPTER_NAME) as tmp:
-        torch.save({k: v.detach().float().cpu().clone() for k, v in adapter.state_dict().items()}, tmp)
-    with atomic_path(out / OFFICIAL_LORA_NAME) as tmp:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in lora.items()}, str(tmp),
-                  metadata={"format": "pt"})
     paths = [out / OFFICIAL_VRE_NAME, out / OFFICIAL_ADAPTER_NAME, out / OFFICIAL_LORA_NAME]
+    with contextlib.ExitStack() as stack:
+        tmp_vre, tmp_adapter, tmp_lora = (stack.enter_context(atomic_path(p)) for p in paths)
+        torch.save({"state_dict": {f"vqvae_LQ.{k}": v.detach().float().cpu().clone()
+                                   for k, v in vre.state_dict().items()}}, tmp_vre)
+        torch.save({k: v.detach().float().cpu().clone() for k, v in adapter.state_dict().items()}, tmp_adapter)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in lora.items()}, str(tmp_lora),
+                  metadata={"format": "pt"})
+        normalize_permissions(out, [tmp_vre, tmp_adapter, tmp_lora])  # safetensors writes 0600
     logger.info("wrote the official layout to %s", out)
     return paths
 
@@ -836,47 +894,63 @@ def export_generator(run_or_checkpoint: str | os.PathLike, out_dir: str | os.Pat
         official_dir: also write the three official release files there.
         dtype: stored precision of the model folder (``fp32`` default, ``fp16``, ``bf16``).
 
+    Everything is read and checked before anything is written; the official files are refused
+    where such files already exist (they could be the release the run started from).
+
     Returns:
         ``{"checkpoint", "model", "official"}`` (paths, ``None`` where not written).
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from safetensors.torch import load_file
 
+    Raises:
+        WeightsNotFoundError: no checkpoint, a missing component, or no base model.
+        ModelFileError: a corrupt, incomplete or implausible checkpoint or base model (named).
+        OutputPathError: ``official_dir`` already holds official-layout files.
+    """
+    from ..errors import OutputPathError
+    from ..model_limits import check_adapter_config, check_finite_weights, check_lora_config, read_config
     from ..models.lora import attach_lora, merge_lora_into
     from ..pipelines.pipeline_osdface import OSDFacePipeline
-    from ..weights import WeightsNotFoundError, check_base_model_dir
+    from ..safe_load import load_safetensors
 
     ckpt = resolve_checkpoint(run_or_checkpoint)
     missing = [n for n in ("unet_lora", "prompt_adapter", "vre") if not (ckpt / n).is_dir()]
     if missing:
         hint = " (a stage-1 run? its VRE is in RUN/export/vre)" if (ckpt / "vqgan_lq").is_dir() else ""
-        raise FileNotFoundError(f"{ckpt} is not a stage-2 generator checkpoint: missing {', '.join(missing)}/{hint}")
-    cfg = load_generator_config(ckpt / "config.yaml")
-    lora = load_file(str(ckpt / "unet_lora" / LORA_WEIGHTS_NAME))
-    lora_cfg = json.loads((ckpt / "unet_lora" / LORA_CONFIG_NAME).read_text())
-    vre = VisualPromptEncoder.from_pretrained(ckpt / "vre", local_files_only=True)
-    adapter = PromptAdapter.from_pretrained(ckpt / "prompt_adapter", local_files_only=True)
-    result: dict[str, Any] = {"checkpoint": ckpt, "model": None, "official": None}
+        raise WeightsNotFoundError(f"{ckpt} is not a stage-2 generator checkpoint: missing "
+                                   f"{', '.join(missing)}/{hint}")
     if official_dir is not None:
-        result["official"] = write_official_layout_files(vre, adapter, lora, official_dir)
+        taken = [n for n in (OFFICIAL_VRE_NAME, OFFICIAL_ADAPTER_NAME, OFFICIAL_LORA_NAME)
+                 if (Path(official_dir) / n).exists()]
+        if taken:
+            raise OutputPathError(f"{official_dir} already holds {', '.join(taken)}; choose another folder for "
+                                  "--official-layout (existing release files are never overwritten)")
+    cfg = load_generator_config(ckpt / "config.yaml")
+    lora_file, lora_cfg_file = ckpt / "unet_lora" / LORA_WEIGHTS_NAME, ckpt / "unet_lora" / LORA_CONFIG_NAME
+    lora_alpha = check_lora_config(read_config(lora_cfg_file, "LoRA adapter config"), lora_cfg_file)
+    lora = load_safetensors(lora_file, what="LoRA")
+    check_finite_weights(lora, lora_file)
+    vre = load_vre_folder(ckpt / "vre")
+    adapter = load_module_folder(PromptAdapter, ckpt / "prompt_adapter", "prompt adapter", check=check_adapter_config)
+    pipe = None
     if out_dir is not None:
         base = base_model or cfg.model.base_model
         if not base:
             raise WeightsNotFoundError(f"{ckpt}: the run records no base model; pass --base-model SD_DIR")
-        base = check_base_model_dir(base)
-        kw = {"local_files_only": True}
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kw)
+        parts = load_base_model(base)
+        unet = parts["unet"]
         if fuse_lora:
-            merge_lora_into(unet, lora, lora_alpha=lora_cfg.get("lora_alpha"), source=str(ckpt / "unet_lora"))
+            merge_lora_into(unet, lora, lora_alpha=lora_alpha, source=str(lora_file))
         else:
-            attach_lora(unet, lora, lora_alpha=lora_cfg.get("lora_alpha"))
-        pipe = OSDFacePipeline(AutoencoderKL.from_pretrained(base, subfolder="vae", **kw), unet, vre, adapter,
-                               DDIMScheduler.from_pretrained(base, subfolder="scheduler", **kw),
-                               timestep=cfg.model.timestep)
+            attach_lora(unet, lora, lora_alpha=lora_alpha, source=str(lora_file))
+        pipe = OSDFacePipeline(parts["vae"], unet, vre, adapter, parts["scheduler"], timestep=cfg.model.timestep)
         if dtype not in (None, "fp32"):
             pipe.to(dtype=dtype)
+    result: dict[str, Any] = {"checkpoint": ckpt, "model": None, "official": None}
+    if pipe is not None:  # first: the CLI writes it into a temporary folder that a later error removes
         result["model"] = pipe.save_pretrained(out_dir, fuse_lora=fuse_lora)
+        normalize_permissions(out_dir)
         logger.info("exported %s to %s", ckpt, out_dir)
+    if official_dir is not None:
+        result["official"] = write_official_layout_files(vre, adapter, lora, official_dir)
     return result
 
 
@@ -886,7 +960,7 @@ def build_dataset(cfg: GeneratorExperiment, roots: Sequence[str | os.PathLike]):
     from ..data.datasets import DegradedFaceDataset
 
     return DegradedFaceDataset(list(roots), degradation=cfg.data.degradation, size=cfg.data.size,
-                               hflip=cfg.data.hflip, seed=cfg.train.seed)
+                               hflip=cfg.data.hflip, seed=cfg.train.seed, undecodable="replace")
 
 
 def _as_dataset(cfg: GeneratorExperiment, data):

@@ -11,7 +11,11 @@ export). :class:`Trainer` owns everything else:
 * logging: running means of every scalar the task returns, learning rates, throughput and the
   task's interval statistics, to TensorBoard (``RUN/logs``) and ``RUN/log.jsonl``; validation
   scalars and images at ``train.val_every``;
-* checkpoints (:mod:`osdface.training.checkpoint`) and ``resume``.
+* checkpoints (:mod:`osdface.training.checkpoint`) and ``resume`` (from the newest intact
+  checkpoint: a corrupt newer one is skipped with a warning);
+* undecodable training images: the dataset replaces them (see
+  :class:`~osdface.data.datasets.DegradedFaceDataset`); their count is logged as
+  ``data/undecodable_images`` and returned by :meth:`Trainer.fit`.
 
 Multi-node runs need ``RUN_DIR`` on a filesystem every node can see.
 """
@@ -32,12 +36,24 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import OSDFaceError, WeightsNotFoundError
 from ..utils.io import write_text_atomic
 from ..utils.logging import get_logger
-from .checkpoint import latest_checkpoint, prune_checkpoints, read_trainer_state, save_checkpoint
-from .config import TrainConfig
+from .checkpoint import (
+    checkpoint_folders,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_trainer_state,
+    restore_accelerate_state,
+    save_checkpoint,
+)
+from .config import ConfigError, TrainConfig
 
 logger = get_logger(__name__)
+
+
+class RunExistsError(OSDFaceError, FileExistsError):
+    """The run folder already holds checkpoints and ``resume`` was not asked for (nothing is overwritten)."""
 
 
 class TrainingTask(abc.ABC):
@@ -101,7 +117,7 @@ class ShardedEpochSampler(Sampler[int]):
 
     def __init__(self, n: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
         if n < num_replicas:
-            raise ValueError(f"{n} training images cannot be shared by {num_replicas} processes")
+            raise ConfigError(f"{n} training images cannot be shared by {num_replicas} processes")
         self.n, self.num_replicas, self.rank, self.seed, self.shuffle = n, num_replicas, rank, seed, shuffle
         self.epoch, self.skip = 0, 0
 
@@ -136,8 +152,13 @@ class Trainer:
         resolved_config: YAML text of the full experiment config (saved with every checkpoint).
         val_dataset: validation items (default: the training set at epoch 0).
         num_workers: DataLoader workers per process.
-        resume: continue from the latest checkpoint in ``run_dir`` (error when there is none).
+        resume: continue from the newest intact checkpoint in ``run_dir`` (error when there is none).
         cpu: force the CPU even when an accelerator is present.
+
+    Raises (from :meth:`fit`):
+        RunExistsError: ``run_dir`` holds checkpoints but ``resume`` is off.
+        WeightsNotFoundError: ``resume`` but no checkpoint.
+        ModelFileError: no usable checkpoint, or the training state cannot be read (naming the file).
     """
 
     def __init__(self, config: TrainConfig, task: TrainingTask, train_dataset: Dataset, run_dir: str | Path,
@@ -165,17 +186,18 @@ class Trainer:
         )
         acc = self.accelerator
         set_seed(self.cfg.seed)  # identical initialisation on every process
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is not None and not self.resume:
-            raise FileExistsError(
-                f"{self.run_dir} already holds checkpoints (latest {ckpt.name}); pass resume (--resume) "
+        existing = checkpoint_folders(self.run_dir)
+        if existing and not self.resume:
+            raise RunExistsError(
+                f"{self.run_dir} already holds checkpoints (latest {existing[-1].name}); pass resume (--resume) "
                 "to continue that run, or choose a new run folder")
+        ckpt = latest_checkpoint(self.run_dir) if self.resume else None  # newest intact one, validated
         if self.resume and ckpt is None:
-            raise FileNotFoundError(f"resume requested but {self.run_dir / 'checkpoints'} holds no checkpoint")
+            raise WeightsNotFoundError(f"resume requested but {self.run_dir / 'checkpoints'} holds no checkpoint")
         self.task.build(acc)
         if ckpt is not None:
             state = read_trainer_state(ckpt)
-            acc.load_state(str(ckpt / "accelerate_state"))
+            restore_accelerate_state(acc, ckpt)
             self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
             if state.get("num_processes") != acc.num_processes or state.get("batch_size") != self.cfg.batch_size:
                 logger.warning("resuming with %d process(es) × batch %d (checkpoint: %s × %s): the data order "
@@ -199,8 +221,8 @@ class Trainer:
         sampler = ShardedEpochSampler(len(self.dataset), acc.num_processes, acc.process_index, self.cfg.seed)
         per_epoch = (len(self.dataset) // acc.num_processes) // bs
         if per_epoch < 1:
-            raise ValueError(f"{len(self.dataset)} training images are too few for {acc.num_processes} "
-                             f"process(es) × batch {bs}")
+            raise ConfigError(f"{len(self.dataset)} training images are too few for {acc.num_processes} "
+                              f"process(es) × batch {bs} (train.batch_size)", key="train.batch_size")
         while True:
             if self.batch_in_epoch >= per_epoch:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -210,9 +232,19 @@ class Trainer:
                 self.dataset.set_epoch(self.epoch)
             loader = DataLoader(self.dataset, batch_size=bs, sampler=sampler, drop_last=True,
                                 num_workers=self.num_workers, pin_memory=acc.device.type == "cuda")
-            for batch in loader:
+            for batch in _reraised_from_workers(loader):
                 self.batch_in_epoch += 1
                 yield {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def undecodable_images(self) -> int:
+        """Training files found undecodable so far, over all processes (a collective: call on every process)."""
+        mask = getattr(self.dataset, "undecodable_mask", None)
+        if mask is None:
+            return 0
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            mask = acc.reduce(mask.to(acc.device, torch.int32), reduction="sum")
+        return int((mask > 0).sum())
 
     def _validation_batches(self) -> list[dict[str, Any]]:
         ds = self.val_dataset if self.val_dataset is not None else self.dataset
@@ -278,6 +310,7 @@ class Trainer:
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
         images_seen, t_last, steps_since = 0, time.perf_counter(), 0
+        undecodable_logged = 0
         last_ckpt = None
         if self.step >= cfg.max_steps:
             logger.info("step %d ≥ max_steps %d: nothing to train", self.step, cfg.max_steps)
@@ -308,6 +341,12 @@ class Trainer:
                 log["perf/images_per_s"] = images_seen / max(dt, 1e-9)
                 log["perf/s_per_step"] = dt / max(steps_since, 1)
                 log["perf/epoch"] = float(self.epoch)
+                undecodable = self.undecodable_images()
+                log["data/undecodable_images"] = float(undecodable)
+                if undecodable > undecodable_logged and acc.is_main_process:
+                    logger.warning("%d undecodable training image(s) skipped so far (each replaced by another "
+                                   "image; the warnings above name them)", undecodable)
+                undecodable_logged = undecodable
                 self._log(log)
                 if acc.is_main_process:
                     logger.info("step %d/%d %s", self.step, cfg.max_steps, ", ".join(
@@ -326,5 +365,24 @@ class Trainer:
         if acc.is_main_process:
             exported = task.export(self.run_dir / "export")
             self._writer.close()
+        undecodable = self.undecodable_images()
         acc.wait_for_everyone()
-        return {"step": self.step, "checkpoint": last_ckpt, "export": exported}
+        return {"step": self.step, "checkpoint": last_ckpt, "export": exported, "undecodable_images": undecodable}
+
+
+def _reraised_from_workers(loader: DataLoader) -> Iterator[Any]:
+    """Iterate ``loader``; an :class:`OSDFaceError` re-raised from a worker process keeps only its own message.
+
+    PyTorch re-raises a worker's exception with the worker's whole traceback in the message
+    ("Caught ImageError in DataLoader worker process 0. Original Traceback ..."); the command line
+    reports one line.
+    """
+    try:
+        yield from loader
+    except OSDFaceError as e:
+        text = str(e)
+        if not text.startswith("Caught ") or "Original Traceback" not in text:
+            raise
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        prefix = f"{type(e).__module__}.{type(e).__qualname__}: "
+        raise type(e)(last[len(prefix):] if last.startswith(prefix) else last) from None

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..errors import ModelFileError, WeightsNotFoundError
 from ..image import from_model_range, to_model_range
 from ..losses.adversarial import GANLoss, adaptive_gan_weight
 from ..losses.association import CLIP_LOGIT_SCALE_INIT, AssociationLoss
@@ -38,7 +39,7 @@ from ..models.discriminator import NLayerDiscriminator
 from ..models.vqgan import VQAutoencoder
 from ..utils.io import atomic_path
 from ..utils.logging import get_logger
-from .checkpoint import load_extra_tensors, resolve_checkpoint
+from .checkpoint import WEIGHTS_NAME, load_extra_tensors, normalize_permissions, resolve_checkpoint
 from .config import ConfigError, DataConfig, TrainConfig, check_bounds, check_value, dump_yaml, load_config
 from .trainer import Trainer, TrainingTask
 
@@ -69,6 +70,17 @@ class VQGANConfig:
     def __post_init__(self) -> None:
         check_bounds(self, "model.vqgan")
         check_value("model.vqgan.ch × max(ch_mult)", self.ch * max(self.ch_mult), section="model.vqgan")
+        widths = sorted({self.ch * m for m in (1, *self.ch_mult)})
+        if any(w % 32 for w in widths):  # taming's 32-group GroupNorm on every level
+            raise ConfigError(f"model.vqgan: the channel widths ch × ch_mult = {widths} must all be multiples of 32 "
+                              "(32-group normalisation)", key="model.vqgan")
+        if any(w % self.head_size for w in widths):
+            raise ConfigError(f"model.vqgan.head_size {self.head_size} must divide every channel width {widths}",
+                              key="model.vqgan")
+        factor = 2 ** (len(self.ch_mult) - 1)
+        if self.resolution % factor:
+            raise ConfigError(f"model.vqgan.resolution {self.resolution} must be divisible by 2^(len(ch_mult) - 1) = "
+                              f"{factor}", key="model.vqgan")
 
 
 @dataclass(frozen=True)
@@ -180,15 +192,41 @@ def build_vqgan(cfg: VQGANConfig) -> VQAutoencoder:
     )
 
 
-def _load_into(module: nn.Module, folder: Path, cls) -> None:
-    other = cls.from_pretrained(folder, local_files_only=True)
-    ours, theirs = dict(module.config), dict(other.config)
-    diff = sorted(k for k in ours if not k.startswith("_") and k in theirs and list(_aslist(ours[k])) != list(
-        _aslist(theirs[k])))
+def _load_into(module: nn.Module, folder: Path) -> None:
+    """Load the weights of a ``save_pretrained`` folder into ``module`` (built from the experiment config).
+
+    The folder's ``config.json`` is compared with the module's config first, so a folder of another
+    (or an absurd) architecture is refused before any of its tensors are read; the weights are read
+    as safetensors and loaded strictly.
+
+    Raises:
+        WeightsNotFoundError: no config or weights file.
+        ModelFileError: naming the file: malformed config, another architecture, or tensors that do not fit.
+    """
+    from ..safe_load import load_safetensors
+    from ..utils.io import read_json
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise WeightsNotFoundError(f"{config_file}: model config not found")
+    theirs = read_json(config_file, what="model config")
+    if not isinstance(theirs, dict):
+        raise ModelFileError(f"{config_file}: the model config must be a JSON object")
+    ours = dict(module.config)
+    diff = sorted(k for k in ours if not k.startswith("_") and k in theirs
+                  and list(_aslist(ours[k])) != list(_aslist(theirs[k])))
     if diff:
-        raise ValueError(f"{folder}: architecture differs from the config in {diff} "
-                         f"(config {[ours[k] for k in diff]}, folder {[theirs[k] for k in diff]})")
-    module.load_state_dict(other.state_dict(), strict=True)
+        raise ModelFileError(f"{config_file}: architecture differs from the experiment config in {diff} "
+                             f"(config {[ours[k] for k in diff]}, folder {[theirs[k] for k in diff]})")
+    sd = load_safetensors(folder / WEIGHTS_NAME, what="model")
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        example = (missing + unexpected + wrong)[0]
+        raise ModelFileError(f"{folder / WEIGHTS_NAME}: tensors do not match {config_file.name} ({len(missing)} "
+                             f"missing, {len(unexpected)} unexpected, {len(wrong)} of another shape; e.g. {example!r})")
+    module.load_state_dict(sd, strict=True)
 
 
 def _aslist(v):
@@ -199,20 +237,20 @@ def init_branch(path: str, branch: str, vqgan: VQAutoencoder, disc: NLayerDiscri
     """Load branch ``hq``/``lq`` weights from a checkpoint/run folder or a bare ``VQAutoencoder`` folder."""
     p = Path(path).expanduser()
     if (p / "config.json").is_file():
-        _load_into(vqgan, p, VQAutoencoder)
+        _load_into(vqgan, p)
         logger.info("%s branch initialised from %s", branch, p)
         return
     if not p.exists():
-        raise FileNotFoundError(f"model.init_{branch}: {p} does not exist (give a stage-1 run folder, one of its "
-                                f"checkpoints, or a VQAutoencoder folder)")
+        raise WeightsNotFoundError(f"model.init_{branch}: {p} does not exist (give a stage-1 run folder, one of its "
+                                   f"checkpoints, or a VQAutoencoder folder)")
     ckpt = resolve_checkpoint(p)
     sub = ckpt / f"vqgan_{branch}"
     if not sub.is_dir():
-        raise FileNotFoundError(f"model.init_{branch}: {ckpt} has no vqgan_{branch}/ (was it trained in phase "
-                                f"'{branch}' or 'assoc'?)")
-    _load_into(vqgan, sub, VQAutoencoder)
+        raise WeightsNotFoundError(f"model.init_{branch}: {ckpt} has no vqgan_{branch}/ (was it trained in phase "
+                                   f"'{branch}' or 'assoc'?)")
+    _load_into(vqgan, sub)
     if disc is not None and (ckpt / f"disc_{branch}").is_dir():
-        _load_into(disc, ckpt / f"disc_{branch}", NLayerDiscriminator)
+        _load_into(disc, ckpt / f"disc_{branch}")
     logger.info("%s branch initialised from %s", branch, ckpt)
 
 
@@ -552,6 +590,7 @@ def write_vre_export(lq: VQAutoencoder, out_dir: str | os.PathLike, num_tokens: 
     out.mkdir(parents=True, exist_ok=True)
     vre = lq.to_visual_prompt_encoder(num_tokens=num_tokens)
     vre.save_pretrained(out / "vre", safe_serialization=True)
+    normalize_permissions(out / "vre")  # safetensors writes 0600
     with atomic_path(out / OFFICIAL_VRE_NAME) as tmp:
         torch.save({"state_dict": official_state_dict(lq, hq, logit_scale)}, tmp)
     logger.info("exported the VRE to %s and %s", out / "vre", out / OFFICIAL_VRE_NAME)
@@ -559,13 +598,25 @@ def write_vre_export(lq: VQAutoencoder, out_dir: str | os.PathLike, num_tokens: 
 
 
 def export_vre(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, num_tokens: int = 77) -> list[Path]:
-    """Export the VRE from a stage-1 checkpoint (or run) folder that has ``vqgan_lq/``."""
+    """Export the VRE from a stage-1 checkpoint (or run) folder that has ``vqgan_lq/``.
+
+    The VQ-GANs are built from the checkpoint's own ``config.yaml`` (bounded like any experiment)
+    and their folders must match it (see :func:`init_branch`).
+
+    Raises:
+        WeightsNotFoundError: no checkpoint, or no ``vqgan_lq/``.
+        ModelFileError / ConfigError: a corrupt, incomplete or implausible checkpoint (named).
+    """
     ckpt = resolve_checkpoint(checkpoint)
     if not (ckpt / "vqgan_lq").is_dir():
-        raise FileNotFoundError(f"{ckpt} has no vqgan_lq/: export needs a phase 'lq' or 'assoc' checkpoint")
-    lq = VQAutoencoder.from_pretrained(ckpt / "vqgan_lq", local_files_only=True)
-    hq = VQAutoencoder.from_pretrained(ckpt / "vqgan_hq", local_files_only=True) \
-        if (ckpt / "vqgan_hq").is_dir() else None
+        raise WeightsNotFoundError(f"{ckpt} has no vqgan_lq/: export needs a phase 'lq' or 'assoc' checkpoint")
+    arch = load_vre_config(ckpt / "config.yaml").model.vqgan
+    lq = build_vqgan(arch)
+    _load_into(lq, ckpt / "vqgan_lq")
+    hq = None
+    if (ckpt / "vqgan_hq").is_dir():
+        hq = build_vqgan(arch)
+        _load_into(hq, ckpt / "vqgan_hq")
     return write_vre_export(lq, out_dir, num_tokens, hq=hq, logit_scale=load_extra_tensors(ckpt).get("logit_scale"))
 
 
@@ -575,7 +626,7 @@ def build_dataset(cfg: VREExperiment, roots: Sequence[str | os.PathLike]):
     from ..data.datasets import DegradedFaceDataset
 
     return DegradedFaceDataset(list(roots), degradation=cfg.data.degradation, size=cfg.data.size,
-                               hflip=cfg.data.hflip, seed=cfg.train.seed)
+                               hflip=cfg.data.hflip, seed=cfg.train.seed, undecodable="replace")
 
 
 def train_vre(cfg: VREExperiment, data: Sequence[str | os.PathLike] | Any, run_dir: str | os.PathLike,
