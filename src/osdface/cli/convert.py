@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import report_error
+from ..errors import OutputPathError
 
 
 def add_parser(sub) -> None:
@@ -25,33 +25,43 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def check_new_model_dir(output: str) -> Path:
+    """``-o MODEL_DIR`` must be a new or empty folder (nothing is ever overwritten); returns it expanded.
+
+    Raises:
+        OutputPathError: it exists and is not an empty folder, or a parent is a file.
+    """
+    from .common import check_output_dir
+
+    out = check_output_dir("-o", output)
+    if out.is_dir() and any(out.iterdir()):
+        raise OutputPathError(f"{out} exists and is not empty; choose a new folder")
+    return out
+
+
+def write_model_dir(out: Path, write) -> None:
+    """Run ``write(folder)`` into a temporary folder beside ``out`` and rename it onto ``out`` when done.
+
+    Temporaries of killed runs in ``out``'s parent are removed first; on any error (or a kill) no
+    partial ``out`` is left, and the finished folder gets normal permissions (safetensors writes 0600).
+    """
+    from ..training.checkpoint import normalize_permissions
+    from ..utils.io import atomic_dir, clean_stale_temps
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out.parent)
+    with atomic_dir(out) as tmp:
+        write(tmp)
+        normalize_permissions(tmp)
+
+
 def run(args) -> int:
-    import shutil
-    import tempfile
-
     from ..pipelines.pipeline_osdface import OSDFacePipeline
-    from ..weights import WeightsNotFoundError
 
-    out = Path(args.output).expanduser()
-    if out.exists() and any(out.iterdir()):
-        report_error(f"{out} exists and is not empty; choose a new folder")
-        return 2
-    try:
-        pipe = OSDFacePipeline.from_official(args.base_model, args.weights, fuse_lora=args.fuse_lora)
-    except (WeightsNotFoundError, ValueError) as e:
-        report_error(str(e))
-        return 2
+    out = check_new_model_dir(args.output)
+    pipe = OSDFacePipeline.from_official(args.base_model, args.weights, fuse_lora=args.fuse_lora)
     if args.dtype != "fp32":
         pipe.to(dtype=args.dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        pipe.save_pretrained(tmp, fuse_lora=args.fuse_lora)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    write_model_dir(out, lambda tmp: pipe.save_pretrained(tmp, fuse_lora=args.fuse_lora))
     print(f"wrote {out}")
     return 0

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import report_error
+from .common import CLIError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "export", help="turn a generator training run into a model folder for 'osdface restore --model'",
-        description="Export the latest checkpoint of a stage-2 run (or the given checkpoint folder): a self-contained "
-        "model folder (safetensors + JSON; the SD 2.1-base VAE/UNet come from the run's base model) and, with "
-        "--official-layout, the three files of the official release (associate_2.ckpt, "
+        description="Export the latest intact checkpoint of a stage-2 run (or the given checkpoint folder): a "
+        "self-contained model folder (safetensors + JSON; the SD 2.1-base VAE/UNet come from the run's base model) "
+        "and, with --official-layout, the three files of the official release (associate_2.ckpt, "
         "embedding_change_weights.pth, pytorch_lora_weights.safetensors) for the official inference code.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="stage-2 run folder or one of its checkpoints/step-* folders")
     p.add_argument("-o", "--output", metavar="MODEL_DIR", help="model folder to write (must not exist or be empty)")
-    p.add_argument("--official-layout", metavar="DIR", help="also write the three official release files here")
+    p.add_argument("--official-layout", metavar="DIR", help="also write the three official release files here "
+                   "(refused where they already exist)")
     p.add_argument("--base-model", metavar="SD_DIR", help="SD 2.1-base folder (default: the one the run used)")
     p.add_argument("--no-fuse-lora", dest="fuse_lora", action="store_false",
                    help="keep the LoRA as unet_lora/ instead of merging it into the UNet weights")
@@ -25,37 +26,24 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import shutil
-    import tempfile
-
-    from ..training.config import ConfigError
     from ..training.generator import export_generator
-    from ..weights import WeightsNotFoundError
+    from .common import check_output_dir
+    from .convert import check_new_model_dir, write_model_dir
 
     if not args.output and not args.official_layout:
-        report_error("nothing to do: give -o MODEL_DIR and/or --official-layout DIR")
-        return 2
-    out = Path(args.output).expanduser() if args.output else None
-    if out is not None and out.exists() and any(out.iterdir()):
-        report_error(f"{out} exists and is not empty; choose a new folder")
-        return 2
-    tmp = None
+        raise CLIError("nothing to do: give -o MODEL_DIR and/or --official-layout DIR")
+    out = check_new_model_dir(args.output) if args.output else None
+    official = check_output_dir("--official-layout", args.official_layout) if args.official_layout else None
+    result: dict = {}
+
+    def export(model_dir: Path | None) -> None:
+        result.update(export_generator(args.run_dir, model_dir, base_model=args.base_model, fuse_lora=args.fuse_lora,
+                                       official_dir=official, dtype=args.dtype))
+
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        result = export_generator(args.run_dir, tmp, base_model=args.base_model, fuse_lora=args.fuse_lora,
-                                  official_dir=args.official_layout, dtype=args.dtype)
-        if tmp is not None:
-            if out.exists():
-                out.rmdir()
-            tmp.rename(out)
-    except (WeightsNotFoundError, FileNotFoundError, ConfigError, ValueError) as e:
-        report_error(str(e))
-        return 2
-    finally:
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp)
+        write_model_dir(out, export)
+    else:
+        export(None)
     print(f"exported {result['checkpoint']}")
     if out is not None:
         print(f"wrote {out}")

@@ -6,8 +6,6 @@ Multi-GPU / multi-node: launch the same command through accelerate, e.g.
 
 from __future__ import annotations
 
-from .common import report_error
-
 
 def _add_common(p) -> None:
     p.add_argument("--config", required=True, metavar="FILE", help="experiment YAML (e.g. configs/vre-paper.yaml)")
@@ -16,7 +14,8 @@ def _add_common(p) -> None:
                    "(default: the first data.val_images training faces)")
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run folder (checkpoints, logs, export)")
     p.add_argument("--max-steps", type=int, metavar="N", help="shortcut for --set train.max_steps=N")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in RUN_DIR "
+                   "(a corrupt or incomplete newer one is skipped, with a warning saying why)")
     p.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="KEY=VALUE",
                    help="override config values, e.g. --set loss.lpips=0.5 optim.lr=1e-5 (repeatable)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
@@ -52,20 +51,18 @@ def _overrides(args) -> list[str]:
 
 
 def run_vre(args) -> int:
-    from ..training.config import ConfigError
     from ..training.vre import load_vre_config, train_vre
 
-    try:
-        cfg = load_vre_config(args.config, _overrides(args))
-    except (ConfigError, FileNotFoundError) as e:
-        report_error(str(e))
-        return 2
-    try:
-        result = train_vre(cfg, args.data, args.output, val_data=args.val_data, resume=args.resume, cpu=args.cpu)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        report_error(str(e))
-        return 2
+    cfg = load_vre_config(args.config, _overrides(args))
+    result = train_vre(cfg, args.data, args.output, val_data=args.val_data, resume=args.resume, cpu=args.cpu)
+    print_result(result)
+    return 0
+
+
+def print_result(result: dict) -> None:
+    """What a finished training run reports: steps, checkpoint, skipped images, exported files."""
     print(f"trained {result['step']} steps; checkpoint {result['checkpoint']}")
+    if result.get("undecodable_images"):
+        print(f"skipped {result['undecodable_images']} undecodable training image(s) (named in the warnings)")
     for path in result["export"]:
         print(f"exported {path}")
-    return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import report_error
+from .common import CLIError
 
 
 def add_parser(tsub, add_common) -> None:
@@ -31,36 +31,21 @@ def add_parser(tsub, add_common) -> None:
 
 
 def run(args) -> int:
-    from ..training.config import ConfigError
     from ..training.generator import load_generator_config, train_generator
-    from ..weights import WeightsNotFoundError
-    from .train import _overrides
+    from .train import _overrides, print_result
 
     items = _overrides(args)
     for flag, key in (("base_model", "model.base_model"), ("vre", "model.vre"), ("weights", "model.weights")):
         value = getattr(args, flag)
         if value is not None:  # absolute: the run records it (resume, export from anywhere)
             items.append(f"{key}={_yaml_str(Path(value).expanduser().resolve())}")
-    try:
-        cfg = load_generator_config(args.config, items)
-    except (ConfigError, FileNotFoundError) as e:
-        report_error(str(e))
-        return 2
+    cfg = load_generator_config(args.config, items)
     if not cfg.model.base_model:
-        report_error("give --base-model SD_DIR (or model.base_model in the config)")
-        return 2
+        raise CLIError("give --base-model SD_DIR (or model.base_model in the config)")
     if not cfg.model.vre and not cfg.model.weights:
-        report_error("give --vre PATH (train from scratch with a frozen VRE) or --weights OSDFACE_DIR (fine-tune)")
-        return 2
-    try:
-        result = train_generator(cfg, args.data, args.output, val_data=args.val_data, resume=args.resume,
-                                 cpu=args.cpu)
-    except (WeightsNotFoundError, FileNotFoundError, FileExistsError, ValueError) as e:
-        report_error(str(e))
-        return 2
-    print(f"trained {result['step']} steps; checkpoint {result['checkpoint']}")
-    for path in result["export"]:
-        print(f"exported {path}")
+        raise CLIError("give --vre PATH (train from scratch with a frozen VRE) or --weights OSDFACE_DIR (fine-tune)")
+    result = train_generator(cfg, args.data, args.output, val_data=args.val_data, resume=args.resume, cpu=args.cpu)
+    print_result(result)
     return 0
 
 
