@@ -155,12 +155,19 @@ def check_value(source: str | os.PathLike, field: str, value: Any, bound: Bound)
 
 
 def _ints(source, cfg: Mapping[str, Any], field: str, bound: Bound, length: Bound | None = None,
-          scalar_ok: bool = True) -> list[int]:
-    """A field that is a number or a list of numbers → list of checked numbers (``[]`` if absent/null)."""
+          scalar_ok: bool = True, nullable: bool = True) -> list[int]:
+    """A field that is a number or (with ``length``) a list of numbers → list of checked numbers.
+
+    Absent or ``null`` gives ``[]`` (the class default applies) unless ``nullable=False``.
+    """
     value = cfg.get(field)
     if value is None:
+        if not nullable and field in cfg:
+            raise ModelFileError(f"{source}: {field} must not be null")
         return []
     if isinstance(value, (list, tuple)):
+        if length is None:
+            raise ModelFileError(f"{source}: {field} must be a single number, got {value!r}")
         if length is not None and not length.low <= len(value) <= length.high:
             raise ModelFileError(f"{source}: {field} has {len(value)} entries, outside the sane range {length}")
         for i, v in enumerate(value):
@@ -201,14 +208,15 @@ def check_unet_config(cfg: Mapping[str, Any], source: str | os.PathLike) -> None
     """``unet/config.json`` (diffusers ``UNet2DConditionModel``) against :data:`LIMITS` ``["unet"]``."""
     lim = LIMITS["unet"]
     _require(source, cfg, "unet")
-    channels = _ints(source, cfg, "block_out_channels", lim["block_out_channels"], lim["levels"], scalar_ok=False)
+    channels = _ints(source, cfg, "block_out_channels", lim["block_out_channels"], lim["levels"], scalar_ok=False,
+                     nullable=False)
     _str_list(source, cfg, "down_block_types", len(channels))
     _str_list(source, cfg, "up_block_types", len(channels))
-    for field in ("layers_per_block", "attention_head_dim", "num_attention_heads", "cross_attention_dim",
-                  "transformer_layers_per_block"):
+    _ints(source, cfg, "cross_attention_dim", lim["cross_attention_dim"], lim["levels"], nullable=False)
+    for field in ("layers_per_block", "attention_head_dim", "num_attention_heads", "transformer_layers_per_block"):
         _ints(source, cfg, field, lim[field], lim["levels"])
     for field in ("in_channels", "out_channels", "norm_num_groups"):
-        _ints(source, cfg, field, lim[field], scalar_ok=True)
+        _ints(source, cfg, field, lim[field], nullable=field == "norm_num_groups")
     _ints(source, cfg, "sample_size", lim["sample_size"], Bound(2, 2))
     _groups_divide(source, cfg, channels)
 
@@ -217,11 +225,12 @@ def check_vae_config(cfg: Mapping[str, Any], source: str | os.PathLike) -> None:
     """``vae/config.json`` (diffusers ``AutoencoderKL``) against :data:`LIMITS` ``["vae"]``."""
     lim = LIMITS["vae"]
     _require(source, cfg, "vae")
-    channels = _ints(source, cfg, "block_out_channels", lim["block_out_channels"], lim["levels"], scalar_ok=False)
+    channels = _ints(source, cfg, "block_out_channels", lim["block_out_channels"], lim["levels"], scalar_ok=False,
+                     nullable=False)
     _str_list(source, cfg, "down_block_types", len(channels))
     _str_list(source, cfg, "up_block_types", len(channels))
     for field in ("layers_per_block", "latent_channels", "in_channels", "out_channels", "norm_num_groups"):
-        _ints(source, cfg, field, lim[field])
+        _ints(source, cfg, field, lim[field], nullable=False)
     _ints(source, cfg, "sample_size", lim["sample_size"], Bound(2, 2))
     if cfg.get("scaling_factor") is not None:
         check_value(source, "scaling_factor", cfg["scaling_factor"], lim["scaling_factor"])
@@ -239,9 +248,10 @@ def check_vre_config(cfg: Mapping[str, Any], source: str | os.PathLike) -> None:
     _require(source, cfg, "vre")
     for field in ("n_embed", "embed_dim", "ch", "num_res_blocks", "in_channels", "resolution", "z_channels",
                   "head_size", "num_tokens"):
-        _ints(source, cfg, field, lim[field])
-    mult = _ints(source, cfg, "ch_mult", lim["ch_mult"], lim["levels"], scalar_ok=False)
-    _ints(source, cfg, "attn_resolutions", lim["attn_resolutions"], lim["attn_levels"], scalar_ok=False)
+        _ints(source, cfg, field, lim[field], nullable=False)
+    mult = _ints(source, cfg, "ch_mult", lim["ch_mult"], lim["levels"], scalar_ok=False, nullable=False)
+    _ints(source, cfg, "attn_resolutions", lim["attn_resolutions"], lim["attn_levels"], scalar_ok=False,
+          nullable=False)
     if cfg.get("dropout") is not None:
         check_value(source, "dropout", cfg["dropout"], lim["dropout"])
     if "enable_mid" in cfg and not isinstance(cfg["enable_mid"], bool):
@@ -274,7 +284,7 @@ def check_adapter_config(cfg: Mapping[str, Any], source: str | os.PathLike) -> N
     """``prompt_adapter/config.json`` against :data:`LIMITS` ``["prompt_adapter"]``."""
     _require(source, cfg, "prompt_adapter")
     for field, bound in LIMITS["prompt_adapter"].items():
-        _ints(source, cfg, field, bound)
+        _ints(source, cfg, field, bound, nullable=False)
 
 
 def check_scheduler_config(cfg: Mapping[str, Any], source: str | os.PathLike) -> int:

@@ -149,6 +149,12 @@ CASES = [
      ModelFileError, "unet/config.json", ["missing required field", "block_out_channels"]),
     ("vre_config_wrong_type", "fused", _edit_json("vre/config.json", ch_mult=[1, "2", 2]),
      ModelFileError, "vre/config.json", ["ch_mult[1] must be an integer"]),
+    ("unet_act_fn_not_a_name", "fused", _edit_json("unet/config.json", act_fn=True),  # AttributeError in diffusers
+     ModelFileError, "unet/config.json", ["cannot build the UNet from it"]),
+    ("vre_channel_null", "fused", _edit_json("vre/config.json", ch=None),
+     ModelFileError, "vre/config.json", ["ch must not be null"]),
+    ("adapter_width_list", "fused", _edit_json("prompt_adapter/config.json", out_channels=[]),
+     ModelFileError, "prompt_adapter/config.json", ["out_channels must be a single number"]),
     ("scheduler_wrong_type", "fused", _edit_json("scheduler/scheduler_config.json", num_train_timesteps="1000"),
      ModelFileError, "scheduler/scheduler_config.json", ["num_train_timesteps must be an integer"]),
     ("scheduler_unknown_schedule", "fused", _edit_json("scheduler/scheduler_config.json", beta_schedule="cosine"),

@@ -417,6 +417,7 @@ class OSDFacePipeline:
             LoraFormatError: the LoRA's keys or shapes do not fit the UNet (naming the file).
             ValueError: an official checkpoint does not match the model (from :mod:`osdface.weights`).
             UnsafeCheckpointError: an official checkpoint references code.
+            DeviceError: ``device`` is not available here.
         """
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
@@ -471,6 +472,8 @@ class OSDFacePipeline:
                 safetensors, is too small for its config, holds NaN/Inf (small weights), or
                 diffusers cannot load it (size mismatch, ...). The message names the file.
             LoraFormatError: the LoRA's keys or shapes do not fit the UNet (naming the file).
+            DeviceError: ``device`` is not available here.
+            ValueError: ``torch_dtype`` is not a known dtype name.
         """
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
@@ -584,6 +587,9 @@ _WHAT = {"vae": "VAE", "unet": "UNet", "vre": "visual prompt encoder", "prompt_a
 #: ValueError/RuntimeError, missing config entries → KeyError/TypeError, unknown schedule →
 #: NotImplementedError, a RuntimeError)
 _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError)
+#: what building a diffusers class from a hostile config raises besides (``act_fn: 5`` →
+#: AttributeError from ``.lower()``, a too-short per-block list → IndexError)
+_BUILD_ERRORS = (*_LOAD_ERRORS, AttributeError, IndexError)
 
 
 def _reason(e: BaseException) -> str:
@@ -624,7 +630,7 @@ def _check_declared_size(klass, cfg: dict, root: Path, name: str, safetensors_on
     try:
         with torch.device("meta"):
             model = klass.from_config(cfg)
-    except _LOAD_ERRORS as e:
+    except _BUILD_ERRORS as e:
         raise ModelFileError(f"{config_file}: cannot build the {_WHAT[name]} from it: {_reason(e)}") from e
     numel = sum(p.numel() for p in model.parameters())
     stored = sum(f.stat().st_size for f in files + other)
