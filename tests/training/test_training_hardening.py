@@ -206,6 +206,9 @@ def test_resume_falls_back_from_a_corrupt_latest_checkpoint_and_equals_the_unint
     latest = run / "checkpoints" / "step-0000002"
     expected = ckpt_tensors(latest)
     (latest / "trainer_state.json").write_text('{"step": 2, "epoch": ')  # a torn write
+    killed_save = run / "checkpoints" / ".tmp-step-0000007"  # what a save killed midway leaves
+    (killed_save / "accelerate_state").mkdir(parents=True)
+    (killed_save / "accelerate_state" / "optimizer.bin").write_bytes(b"half")
     older = snapshot(run / "checkpoints" / "step-0000001")
     with caplog.at_level(logging.WARNING, logger="osdface"):
         assert main(vre_argv(small_face_dir, run, 2, "--resume")) == 0
@@ -217,6 +220,7 @@ def test_resume_falls_back_from_a_corrupt_latest_checkpoint_and_equals_the_unint
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     validate_checkpoint(latest)
     assert snapshot(run / "checkpoints" / "step-0000001") == older
+    assert not killed_save.exists()
 
 
 @pytest.mark.parametrize("edit, field", [
@@ -396,3 +400,16 @@ def test_train_generator_resume_with_a_tampered_optimizer_state_is_one_line(tmp_
     line = one_line_error(capsys.readouterr().err)
     assert f"{ckpt / 'accelerate_state' / 'optimizer.bin'}: cannot read the training state" in line, line
     assert snapshot(run) == before
+
+
+def test_bad_run_and_data_folders_are_one_line(tmp_path, small_face_dir, capsys):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    assert main(vre_argv(small_face_dir, afile, 1)) == 2
+    assert f"{afile}: -o names an existing file" in one_line_error(capsys.readouterr().err)
+    assert afile.read_text() == "mine"
+    assert main(vre_argv(tmp_path / "no-such-faces", tmp_path / "run", 1)) == 2
+    assert f"{tmp_path / 'no-such-faces'}: no such folder" in one_line_error(capsys.readouterr().err)
+    bad_preset = ["--set", "data.degradation=strong"]
+    assert main(vre_argv(small_face_dir, tmp_path / "run", 1, *bad_preset)) == 2
+    assert "unknown degradation preset 'strong'" in one_line_error(capsys.readouterr().err)

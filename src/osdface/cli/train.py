@@ -52,7 +52,9 @@ def _overrides(args) -> list[str]:
 
 def run_vre(args) -> int:
     from ..training.vre import load_vre_config, train_vre
+    from .common import check_output_dir
 
+    check_output_dir("-o", args.output)
     cfg = load_vre_config(args.config, _overrides(args))
     result = train_vre(cfg, args.data, args.output, val_data=args.val_data, resume=args.resume, cpu=args.cpu)
     print_result(result)

@@ -32,8 +32,10 @@ def add_parser(tsub, add_common) -> None:
 
 def run(args) -> int:
     from ..training.generator import load_generator_config, train_generator
+    from .common import check_output_dir
     from .train import _overrides, print_result
 
+    check_output_dir("-o", args.output)
     items = _overrides(args)
     for flag, key in (("base_model", "model.base_model"), ("vre", "model.vre"), ("weights", "model.weights")):
         value = getattr(args, flag)

@@ -312,6 +312,20 @@ def _unreadable_state_file(state_dir: Path) -> tuple[Path, str] | None:
     return None
 
 
+def remove_unfinished_saves(run_dir: str | Path) -> list[Path]:
+    """Remove the ``checkpoints/.tmp-step-*`` folders of saves that were killed; return them.
+
+    Call on the main process before a run writes checkpoints (no save is in progress then; two
+    runs training into one run folder at once are not supported).
+    """
+    root = Path(run_dir) / "checkpoints"
+    removed = sorted(p for p in root.glob(".tmp-step-*") if p.is_dir()) if root.is_dir() else []
+    for p in removed:
+        shutil.rmtree(p)
+        logger.info("removed %s, an unfinished checkpoint of an interrupted run", p)
+    return removed
+
+
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, modules: dict[str, nn.Module],
                     extra: dict[str, torch.Tensor], state: dict[str, Any], config_yaml: str) -> Path:
     """Write a checkpoint atomically; call on **every** process (accelerate saves per-rank RNG state)."""

@@ -469,8 +469,8 @@ def _set_attention(unet, vae, kind: str) -> None:
         try:
             import xformers  # noqa: F401
         except ImportError:
-            raise ImportError("model.attention=xformers needs the 'xformers' package; use 'sdpa' "
-                              "(PyTorch's memory-efficient attention) otherwise") from None
+            raise ConfigError("model.attention=xformers needs the 'xformers' package; use 'sdpa' "
+                              "(PyTorch's memory-efficient attention) otherwise", key="model.attention") from None
         unet.enable_xformers_memory_efficient_attention()
         vae.enable_xformers_memory_efficient_attention()
     elif kind == "classic":

@@ -44,6 +44,7 @@ from .checkpoint import (
     latest_checkpoint,
     prune_checkpoints,
     read_trainer_state,
+    remove_unfinished_saves,
     restore_accelerate_state,
     save_checkpoint,
 )
@@ -54,6 +55,10 @@ logger = get_logger(__name__)
 
 class RunExistsError(OSDFaceError, FileExistsError):
     """The run folder already holds checkpoints and ``resume`` was not asked for (nothing is overwritten)."""
+
+
+class TrainingDivergedError(OSDFaceError, FloatingPointError):
+    """A loss became NaN or infinite; no checkpoint of the diverged state is written."""
 
 
 class TrainingTask(abc.ABC):
@@ -208,6 +213,7 @@ class Trainer:
                         self.batch_in_epoch)
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_unfinished_saves(self.run_dir)
             write_text_atomic(self.run_dir / "config.yaml", self.resolved_config)
             from torch.utils.tensorboard import SummaryWriter
 
@@ -328,7 +334,9 @@ class Trainer:
                         sums[k] += v
                         counts[k] += 1
                     else:
-                        raise FloatingPointError(f"step {self.step}: {k} is {v}")
+                        raise TrainingDivergedError(
+                            f"step {self.step}: {k} is {v}; the run diverged (try a lower optim.lr or "
+                            f"train.mixed_precision=no); resume from the last checkpoint after changing the config")
                 images_seen += task.batch_images(batch) * acc.num_processes
             task.optimizer_step(self.step)
             self.step += 1
