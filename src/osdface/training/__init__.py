@@ -11,8 +11,10 @@ import importlib
 _EXPORTS = {
     "ConfigError": "config", "DataConfig": "config", "TrainConfig": "config", "load_config": "config",
     "from_dict": "config", "to_dict": "config", "dump_yaml": "config", "apply_overrides": "config",
+    "BOUNDS": "config", "Bound": "config", "check_bounds": "config",
     "Trainer": "trainer", "TrainingTask": "trainer", "ShardedEpochSampler": "trainer",
-    "latest_checkpoint": "checkpoint", "resolve_checkpoint": "checkpoint",
+    "RunExistsError": "trainer", "TrainingDivergedError": "trainer",
+    "latest_checkpoint": "checkpoint", "resolve_checkpoint": "checkpoint", "validate_checkpoint": "checkpoint",
     "VREExperiment": "vre", "VRETask": "vre", "load_vre_config": "vre", "train_vre": "vre",
     "export_vre": "vre", "write_vre_export": "vre",
 }

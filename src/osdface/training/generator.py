@@ -956,7 +956,8 @@ def export_generator(run_or_checkpoint: str | os.PathLike, out_dir: str | os.Pat
 
 # ----------------------------------------------------------------------------------- entry
 def build_dataset(cfg: GeneratorExperiment, roots: Sequence[str | os.PathLike]):
-    """The on-the-fly degraded face dataset of ``osdface.data`` (FFHQ, FFHQR or any face folders)."""
+    """The on-the-fly degraded face dataset of ``osdface.data`` (FFHQ, FFHQR or any face folders); an
+    undecodable image is skipped and replaced (the trainer logs the count)."""
     from ..data.datasets import DegradedFaceDataset
 
     return DegradedFaceDataset(list(roots), degradation=cfg.data.degradation, size=cfg.data.size,

@@ -622,7 +622,8 @@ def export_vre(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, num_to
 
 # ------------------------------------------------------------------------------ entry
 def build_dataset(cfg: VREExperiment, roots: Sequence[str | os.PathLike]):
-    """The on-the-fly degraded face dataset of ``osdface.data``."""
+    """The on-the-fly degraded face dataset of ``osdface.data``; an undecodable image is skipped and
+    replaced (the trainer logs the count)."""
     from ..data.datasets import DegradedFaceDataset
 
     return DegradedFaceDataset(list(roots), degradation=cfg.data.degradation, size=cfg.data.size,
