@@ -1,4 +1,4 @@
-"""Post-hoc colour correction of restored face crops against their low-quality inputs (spec §10).
+"""Post-hoc colour correction of restored face crops against their low-quality inputs (docs/method.md §10).
 
 Two methods, chosen by name through :data:`COLOR_FIXES`:
 

@@ -1,4 +1,4 @@
-"""Named constants of the OSDFace method (spec §2) and of FFHQ-style face alignment."""
+"""Named constants of the OSDFace method (docs/method.md §2) and of FFHQ-style face alignment."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ TIMESTEP = 399
 #: Number of visual-prompt tokens (replaces CLIP's 77 text tokens).
 NUM_PROMPT_TOKENS = 77
 
-#: alpha-bar at t = 399 for SD-2.1-base's scaled-linear schedule (float32 cumprod), spec §2.6.
+#: alpha-bar at t = 399 for SD-2.1-base's scaled-linear schedule (float32 cumprod), docs/method.md §2.6.
 ALPHA_CUMPROD_399 = 0.4260861277580261
 
 #: FFHQ 5-point template (left eye, right eye, nose tip, left mouth corner, right mouth corner)

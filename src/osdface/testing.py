@@ -19,7 +19,7 @@ from .models.prompt_encoder import PromptAdapter, VisualPromptEncoder
 TINY_RESOLUTION = 64
 TINY_CROSS_DIM = 32
 
-#: The scheduler configuration of SD 2.1-base (only ``alphas_cumprod`` matters; spec §2.6).
+#: The scheduler configuration of SD 2.1-base (only ``alphas_cumprod`` matters; docs/method.md §2.6).
 SD21_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,

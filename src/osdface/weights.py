@@ -142,7 +142,7 @@ def check_release_tensors(source: Path, sd: dict, what: str) -> None:
 
 
 def load_official_vre_state_dict(path: str | os.PathLike, expected: dict[str, torch.Tensor] | None = None):
-    """Read ``associate_2.ckpt``: keep ``vqvae_LQ.*`` minus the decoder, strip the prefix (spec §3.1).
+    """Read ``associate_2.ckpt``: keep ``vqvae_LQ.*`` minus the decoder, strip the prefix (docs/method.md §3.1).
 
     ``vqvae_LQ.post_quant_conv.*`` (kept by the official filter, ignored there by ``strict=False``)
     is dropped here explicitly. The kept tensors must be finite floating-point tensors. With

@@ -1,4 +1,4 @@
-"""``osdface train generator``: stage 2, the one-step generator (spec §6).
+"""``osdface train generator``: stage 2, the one-step generator (docs/method.md §6).
 
 Registered under ``osdface train`` by :func:`add_parser` (called from :mod:`osdface.cli.train`).
 Several GPUs / nodes: ``accelerate launch --multi_gpu --num_processes 8 -m osdface train generator ...``.

@@ -63,7 +63,7 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
 
 
 class DegradedFaceDataset(Dataset):
-    """HQ aligned faces from one or more folders, with LQ synthesised on the fly (spec §7).
+    """HQ aligned faces from one or more folders, with LQ synthesised on the fly (docs/method.md §7).
 
     Args:
         roots: one folder or several (e.g. FFHQ and FFHQR); images are found recursively and

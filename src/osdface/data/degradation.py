@@ -1,4 +1,4 @@
-"""Seeded synthetic degradations for blind face restoration (spec §7).
+"""Seeded synthetic degradations for blind face restoration (docs/method.md §7).
 
 The classical face-restoration degradation model (GFPGAN / CodeFormer / DAEFR / OSEDiff-face)::
 
@@ -144,7 +144,7 @@ Range = tuple[float, float]
 
 @dataclass(frozen=True)
 class DegradationConfig:
-    """Every range and probability of the synthetic degradation (spec §7).
+    """Every range and probability of the synthetic degradation (docs/method.md §7).
 
     All noise levels and the colour shift are on the 0–255 scale, as in BasicSR/GFPGAN.
     Set ``blur_prob=0``, ``downsample_range=(1, 1)``, ``noise_range=None`` or ``jpeg_range=None``

@@ -1,4 +1,4 @@
-"""Evaluation: the paper's metrics (spec §8) behind one interface, folder evaluation and reports.
+"""Evaluation: the paper's metrics (docs/method.md §8) behind one interface, folder evaluation and reports.
 
 Heavy modules are imported lazily; ``import osdface.evaluation`` is cheap.
 """

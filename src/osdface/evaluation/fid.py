@@ -1,6 +1,6 @@
 """FID: pytorch-fid's Inception (pool3, 2048-d) features, statistics, cache and Fréchet distance.
 
-Features follow pytorch-fid / BasicSR (the paper's FID, spec §8): RGB in [0, 1] → bilinear
+Features follow pytorch-fid / BasicSR (the paper's FID, docs/method.md §8): RGB in [0, 1] → bilinear
 resize to 299×299 → [-1, 1] → FID Inception-v3 (TF 2015-12-05 weights) → pool3. The distance is
 ``pytorch_fid.fid_score.calculate_frechet_distance``. Per-folder features are cached (keyed by
 the resolved folder, the file names, their sizes and modification times and the weight file),

@@ -1,4 +1,4 @@
-"""The metric layer: one interface, an explicit factory, the paper's metrics (spec §8).
+"""The metric layer: one interface, an explicit factory, the paper's metrics (docs/method.md §8).
 
 Every metric is a :class:`Metric` with ``name``, ``full_reference``, ``lower_better`` and
 ``device``. Per-image metrics are called as ``metric(pred, gt)`` on ``(B, 3, H, W)`` RGB float
@@ -253,7 +253,7 @@ FFHQ_FACENET_BOX = (0.1875, 0.25, 0.8125, 0.875)
 
 
 class IdentityMetric(Metric):
-    """Identity distance: angle between embeddings of pred and gt, in degrees (spec §8 "Deg.").
+    """Identity distance: angle between embeddings of pred and gt, in degrees (docs/method.md §8 "Deg.").
 
     Args:
         backend: ``"arcface"`` (the paper's; ResNet-18, gray 128×128 via OpenCV, embedding of the

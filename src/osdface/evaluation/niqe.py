@@ -1,7 +1,7 @@
 """NIQE (Mittal et al., "Making a completely blind image quality analyzer", 2013).
 
 An independent NumPy implementation of the MATLAB reference algorithm, with the conventions of
-pyiqa's ``niqe`` (the implementation the paper's numbers come from, spec §8):
+pyiqa's ``niqe`` (the implementation the paper's numbers come from, docs/method.md §8):
 
 * luminance ``Y = round(255 · (0.299 R + 0.587 G + 0.114 B))`` (MATLAB ``rgb2gray``; pyiqa's
   ``color_space='yiq'``), computed in float32 as pyiqa does, then float64 throughout;

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Column titles and order of the paper's tables (spec §9); other metrics follow in given order.
+#: Column titles and order of the paper's tables (docs/method.md §9); other metrics follow in given order.
 PAPER_TITLES = {
     "psnr": "PSNR", "ssim": "SSIM", "psnr_y": "PSNR(Y)", "ssim_y": "SSIM(Y)",
     "lpips": "LPIPS", "lpips_vgg": "LPIPS(VGG)", "dists": "DISTS", "clipiqa": "C-IQA", "maniqa": "M-IQA",

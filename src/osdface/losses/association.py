@@ -1,4 +1,4 @@
-"""Feature-association loss of stage 1 (DAEFR ``association_stage.py``; OSDFace spec §5.2).
+"""Feature-association loss of stage 1 (DAEFR ``association_stage.py``; OSDFace docs/method.md §5.2).
 
 HQ and LQ pre-quantisation features of the same faces are flattened over **all positions of all
 images in the batch** into ``N = B·H·W`` rows, L2-normalised, and compared with a CLIP-style

@@ -1,4 +1,4 @@
-"""GAN guidance in latent space (spec §6.2d, [OURS] where marked).
+"""GAN guidance in latent space (docs/method.md §6.2d, [OURS] where marked).
 
 The discriminator sees *forward-diffused* latents, ``F(z, t) = √ᾱ_t·z + √(1−ᾱ_t)·ε`` with
 ``t ~ U{0, …, 999}``; in one step the real latent ``z_H`` and the fake latent ``ẑ_H`` share the
@@ -67,7 +67,7 @@ class LatentGANLoss(nn.Module):
 
     Args:
         alphas_cumprod: ``(T,)`` ᾱ of the schedule used for :func:`diffuse_latents`.
-        kind: ``non_saturating`` (default, spec §6.2d), ``hinge`` or ``lsgan``.
+        kind: ``non_saturating`` (default, docs/method.md §6.2d), ``hinge`` or ``lsgan``.
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor, kind: GANKind = "non_saturating"):

@@ -1,4 +1,4 @@
-"""Facial-identity loss ``L_ID = 1 − cos(F(gt), F(pred))`` (spec §6.2c) with a pluggable network F.
+"""Facial-identity loss ``L_ID = 1 − cos(F(gt), F(pred))`` (docs/method.md §6.2c) with a pluggable network F.
 
 ``F`` is any frozen module mapping ``(B, 3, H, W)`` RGB in [0, 1] to ``(B, D)`` embeddings.
 :func:`build_identity_network` makes the ones of :mod:`osdface.models.identity`, each with its

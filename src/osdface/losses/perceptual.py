@@ -1,4 +1,4 @@
-"""Differentiable perceptual losses: LPIPS, DISTS and the paper's edge-aware DISTS (spec §6.2b).
+"""Differentiable perceptual losses: LPIPS, DISTS and the paper's edge-aware DISTS (docs/method.md §6.2b).
 
 All take ``pred`` and ``target`` as ``(B, 3, H, W)`` float RGB in [0, 1] (map [-1, 1] decoder
 output with :func:`osdface.image.from_model_range` first) and return a scalar (batch mean) that
@@ -92,7 +92,7 @@ class DISTSLoss(_FrozenNetLoss):
 
 
 def sobel_edges(x: torch.Tensor) -> torch.Tensor:
-    """Edge magnitude of spec §6.2b: ``(B, 3, H, W)`` in [0, 1] → ``(B, 1, H, W)``, range ≈ [0.001, 5.66].
+    """Edge magnitude of docs/method.md §6.2b: ``(B, 3, H, W)`` in [0, 1] → ``(B, 1, H, W)``, range ≈ [0.001, 5.66].
 
     Grayscale = channel mean; 3×3 Sobel ``Gx = [[-1,0,1],[-2,0,2],[-1,0,1]]``, ``Gy = Gx^T`` as
     cross-correlation with zero padding 1; ``sqrt(gx² + gy² + 1e-6)``; no rescaling.
@@ -106,7 +106,7 @@ def sobel_edges(x: torch.Tensor) -> torch.Tensor:
 
 
 class EdgeAwareDISTSLoss(DISTSLoss):
-    """EA-DISTS (spec §6.2b, the official ``edge_aware_dists_demo.py``):
+    """EA-DISTS (docs/method.md §6.2b, the official ``edge_aware_dists_demo.py``):
     ``DISTS(pred, target) + DISTS(S(pred), S(target))`` with equal weights, S = :func:`sobel_edges`.
 
     The 1-channel edge maps go through the same DISTS network (ImageNet normalisation broadcasts

@@ -9,7 +9,7 @@ from torch import nn
 
 
 class VQLoss(nn.Module):
-    """``mean((sg[codes] − z)²) + β·mean((codes − sg[z])²)`` (spec §5.2).
+    """``mean((sg[codes] − z)²) + β·mean((codes − sg[z])²)`` (docs/method.md §5.2).
 
     In this (taming/DAEFR) form β multiplies the *codebook* term, which moves the dictionary
     towards the encoder output; the un-weighted term is the commitment term, which pulls the

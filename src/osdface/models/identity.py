@@ -1,4 +1,4 @@
-"""Face-identity networks for the Deg/IDS metric and the stage-2 identity loss (spec §6.2c, §8).
+"""Face-identity networks for the Deg/IDS metric and the stage-2 identity loss (docs/method.md §6.2c, §8).
 
 Ported architectures (plain ``nn.Module``; no weights are downloaded, files are read by the caller):
 

@@ -1,4 +1,4 @@
-"""Latent discriminator of stage 2: a noise-aware UNet-encoder discriminator (spec §6.2d, [OURS]).
+"""Latent discriminator of stage 2: a noise-aware UNet-encoder discriminator (docs/method.md §6.2d, [OURS]).
 
 OSDFace's GAN guidance compares the generator's latents ``ẑ_H`` with the HQ latents ``z_H`` in
 latent space, conditioned on the visual prompt. The paper's exact discriminator is unknown; this

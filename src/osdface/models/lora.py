@@ -1,6 +1,6 @@
 """LoRA for the UNet: read the official/PEFT key formats, merge into base weights, or attach via peft.
 
-Formats (spec §3.2):
+Formats (docs/method.md §3.2):
 
 * **PEFT / diffusers** (the release): ``unet.<module>.lora_A.weight`` ``(r, in[, kh, kw])`` and
   ``unet.<module>.lora_B.weight`` ``(out, r[, 1, 1])``; optionally ``<module>.alpha`` scalars.
@@ -25,7 +25,7 @@ from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-#: LoRA targets used when training a generator from scratch (OSEDiff's UNet list; spec §4 [OURS]).
+#: LoRA targets used when training a generator from scratch (OSEDiff's UNet list; docs/method.md §4 [OURS]).
 DEFAULT_UNET_LORA_TARGETS = (
     "to_q",
     "to_k",

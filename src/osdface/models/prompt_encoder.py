@@ -1,6 +1,6 @@
 """Visual Representation Embedder (VRE) and prompt adapter: LQ face → 77 visual-prompt tokens.
 
-The VRE (spec §2.1–2.3) is the LQ encoder + LQ dictionary of stage 1: a VQ encoder maps the
+The VRE (docs/method.md §2.1–2.3) is the LQ encoder + LQ dictionary of stage 1: a VQ encoder maps the
 face to a ``16×16×512`` feature grid; each grid position is matched to its nearest dictionary
 entry; the *distinct* entries, ordered by how well they match, become the prompt tokens
 (zero rows when there are fewer distinct entries than tokens). The prompt adapter (§2.5) maps
@@ -47,7 +47,7 @@ def code_distances(h: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 def select_prompt_tokens(
     distances: torch.Tensor, codebook: torch.Tensor, num_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The OSDFace token rule, batched (spec §2.3).
+    """The OSDFace token rule, batched (docs/method.md §2.3).
 
     Per sample: nearest code of each position; positions sorted by their nearest-code distance
     (ascending); walk that order and keep each code the first time it appears; stop at
@@ -83,7 +83,7 @@ def select_prompt_tokens(
 def vre_preprocess(x: torch.Tensor, resolution: int, input_normalization: InputNormalization) -> torch.Tensor:
     """Model-space image → VQ-encoder input: bilinear resize to ``resolution`` (``align_corners=False``,
     as the official wrapper), then the configured normalisation (``"official"``: a second
-    ``(x − 0.5) / 0.5``, spec §2.1)."""
+    ``(x − 0.5) / 0.5``, docs/method.md §2.1)."""
     if x.shape[-2:] != (resolution, resolution):
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
     if input_normalization == "official":
@@ -92,7 +92,7 @@ def vre_preprocess(x: torch.Tensor, resolution: int, input_normalization: InputN
 
 
 #: Plausibility bounds for a VRE architecture read back from a checkpoint's tensor shapes
-#: (:func:`infer_vre_config`), checked before anything is built. The release (spec §2.2) has a
+#: (:func:`infer_vre_config`), checked before anything is built. The release (docs/method.md §2.2) has a
 #: 1024 × 512 dictionary, widths 64…512 (``ch=64``, ``ch_mult`` up to 8, ``z_channels=512``),
 #: 6 levels, 2 ResBlocks per level and RGB input; the tiny test VRE (``osdface.testing``) has
 #: 16 × 32 and widths 32…64. The bounds are far above any VRE our training produces and refuse
@@ -200,7 +200,7 @@ class VisualPromptEncoder(ModelMixin, ConfigMixin):
         n_embed: dictionary size N.
         embed_dim: dictionary entry width C.
         ch, ch_mult, num_res_blocks, attn_resolutions, dropout, in_channels, resolution,
-            z_channels, enable_mid, head_size: VQ-encoder architecture (spec §2.2).
+            z_channels, enable_mid, head_size: VQ-encoder architecture (docs/method.md §2.2).
         num_tokens: prompt length T (77).
         input_normalization: ``"official"`` reproduces the release, whose wrapper normalises an
             already [-1, 1] input a second time (the encoder sees ``2x − 1`` ∈ [-3, 1]); the
@@ -268,7 +268,7 @@ class VisualPromptEncoder(ModelMixin, ConfigMixin):
 
 
 class PromptAdapter(ModelMixin, ConfigMixin):
-    """Per-token MLP ``SiLU(W2 · SiLU(W1 · v + b1) + b2)`` (official ``TwoLayerConv1x1``, spec §2.5).
+    """Per-token MLP ``SiLU(W2 · SiLU(W1 · v + b1) + b2)`` (official ``TwoLayerConv1x1``, docs/method.md §2.5).
 
     Implemented with kernel-1 ``Conv1d`` over the token axis like the original, so the official
     ``embedding_change_weights.pth`` loads strictly. Note the trailing SiLU: outputs are ≥ −0.2785.

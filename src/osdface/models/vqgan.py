@@ -1,4 +1,4 @@
-"""VQ autoencoders (VQ-GAN generators) for stage 1: the HQ and LQ branches of spec §5.
+"""VQ autoencoders (VQ-GAN generators) for stage 1: the HQ and LQ branches of docs/method.md §5.
 
 Each branch is ``encoder → quant_conv → nearest-code quantiser → post_quant_conv → decoder``
 (taming-transformers / DAEFR ``VQAutoEncoder``; MIT licence). The encoder, ``quant_conv`` and
@@ -87,8 +87,8 @@ class VQAutoencoderOutput:
 class VQAutoencoder(ModelMixin, ConfigMixin):
     """A VQ autoencoder (the generator of one stage-1 VQ-GAN branch).
 
-    Default configuration: the released VRE encoder (spec §2.2) plus the mirrored DAEFR decoder
-    (spec §5.3): 1024 × 512 dictionary, 16 × 16 latent grid at 512².
+    Default configuration: the released VRE encoder (docs/method.md §2.2) plus the mirrored DAEFR decoder
+    (docs/method.md §5.3): 1024 × 512 dictionary, 16 × 16 latent grid at 512².
 
     Args:
         n_embed, embed_dim: dictionary size and entry width.
@@ -96,7 +96,7 @@ class VQAutoencoder(ModelMixin, ConfigMixin):
             z_channels, enable_mid, head_size: encoder/decoder architecture (shared).
         out_channels: decoder output channels.
         input_normalization: as :class:`VisualPromptEncoder`: ``"official"`` feeds the encoder
-            ``2x − 1`` for a model-space ``x`` (the released VRE's operating point, spec §2.1);
+            ``2x − 1`` for a model-space ``x`` (the released VRE's operating point, docs/method.md §2.1);
             ``"standard"`` feeds ``x`` unchanged. The decoder always reconstructs ``x``.
     """
 

@@ -1,4 +1,4 @@
-"""OSDFacePipeline: aligned LQ face crops → restored crops in one UNet step (spec §2).
+"""OSDFacePipeline: aligned LQ face crops → restored crops in one UNet step (docs/method.md §2).
 
 Reading order of :meth:`OSDFacePipeline.__call__`:
 

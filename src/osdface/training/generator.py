@@ -1,4 +1,4 @@
-"""Stage 2: train the one-step generator (UNet LoRA + prompt adapter) with GAN guidance (spec §6).
+"""Stage 2: train the one-step generator (UNet LoRA + prompt adapter) with GAN guidance (docs/method.md §6).
 
 The generator is exactly the inference forward of :class:`~osdface.pipelines.OSDFacePipeline`
 (its own ``encode_prompt`` / ``encode_latent`` / ``predict_x0`` / ``decode``, differentiable):
@@ -68,7 +68,7 @@ OFFICIAL_LORA_NAME = "pytorch_lora_weights.safetensors"
 # ---------------------------------------------------------------------------------- config
 @dataclass(frozen=True)
 class GeneratorLoraConfig:
-    """LoRA of the generator UNet (spec §4: rank 16, alpha 16; targets [OURS] = OSEDiff's list).
+    """LoRA of the generator UNet (docs/method.md §4: rank 16, alpha 16; targets [OURS] = OSEDiff's list).
 
     Ignored when fine-tuning the official release (its file fixes rank and targets; alpha = rank).
     """
@@ -84,7 +84,7 @@ class GeneratorLoraConfig:
 
 @dataclass(frozen=True)
 class LatentDiscriminatorConfig:
-    """The latent discriminator (spec §6.2d, all [OURS]): SD-UNet encoder copy + LoRA + MLP head.
+    """The latent discriminator (docs/method.md §6.2d, all [OURS]): SD-UNet encoder copy + LoRA + MLP head.
 
     Attributes:
         head_channels: hidden width of the head (512).
@@ -145,7 +145,7 @@ class GeneratorModelConfig:
 
 @dataclass(frozen=True)
 class GeneratorLossConfig:
-    """Loss weights (spec §6.2; the paper's λ values are unknown: [OURS] starting point 1/1/0.1/0.05).
+    """Loss weights (docs/method.md §6.2; the paper's λ values are unknown: [OURS] starting point 1/1/0.1/0.05).
 
     Attributes:
         mse: λ of MSE on decoded images in [-1, 1].

@@ -1,4 +1,4 @@
-"""Stage 1: train the HQ/LQ VQ-GANs and their association; export the VRE (spec §5).
+"""Stage 1: train the HQ/LQ VQ-GANs and their association; export the VRE (docs/method.md §5).
 
 Phases (``phase`` in the experiment config):
 
@@ -52,7 +52,7 @@ OFFICIAL_VRE_NAME = "associate_2.ckpt"
 # ------------------------------------------------------------------------------ config
 @dataclass(frozen=True)
 class VQGANConfig:
-    """Architecture of each VQ autoencoder (both branches); defaults = the released VRE (spec §2.2)."""
+    """Architecture of each VQ autoencoder (both branches); defaults = the released VRE (docs/method.md §2.2)."""
 
     n_embed: int = 1024
     embed_dim: int = 512
