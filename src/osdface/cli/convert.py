@@ -45,14 +45,12 @@ def write_model_dir(out: Path, write) -> None:
     Temporaries of killed runs in ``out``'s parent are removed first; on any error (or a kill) no
     partial ``out`` is left, and the finished folder gets normal permissions (safetensors writes 0600).
     """
-    from ..training.checkpoint import normalize_permissions
     from ..utils.io import atomic_dir, clean_stale_temps
 
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out.parent)
     with atomic_dir(out) as tmp:
         write(tmp)
-        normalize_permissions(tmp)
 
 
 def run(args) -> int:

@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 
 from ..image import bgr_to_rgb, rgb_to_bgr
+from ..utils.io import yaml_error_reason
 
 __all__ = [
     "KERNEL_TYPES",
@@ -327,8 +328,10 @@ def load_degradation_config(path: str | os.PathLike) -> DegradationConfig:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
+    except OSError as e:
         raise ValueError(f"{path}: cannot read degradation config ({e})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML in the degradation config ({yaml_error_reason(e)})") from None
     data = dict(data or {})
     base = None
     if "preset" in data:

@@ -38,7 +38,7 @@ from ..model_limits import (
 from ..models.lean_decode import DEFAULT_BAND_MB, lean_vae_decode
 from ..models.lora import merge_lora_into
 from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder
-from ..utils.io import write_text_atomic
+from ..utils.io import normalize_permissions, write_text_atomic
 from ..utils.logging import get_logger
 from ..utils.memory import trim_heap
 from ..weights import (
@@ -558,6 +558,7 @@ class OSDFacePipeline:
                  **{k: list(v) for k, v in _COMPONENTS.items()},
                  "timestep": self.timestep, "resolution": self.resolution}
         write_text_atomic(path / "model_index.json", json.dumps(index, indent=2))
+        normalize_permissions(path)  # safetensors writes 0600 files
         return path
 
 

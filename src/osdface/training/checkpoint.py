@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import re
 import shutil
@@ -41,7 +40,7 @@ import yaml
 from torch import nn
 
 from ..errors import ModelFileError, OSDFaceError, WeightsNotFoundError
-from ..utils.io import read_json, write_text_atomic
+from ..utils.io import normalize_permissions, read_json, write_text_atomic
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -282,6 +281,15 @@ def restore_accelerate_state(accelerator, ckpt: str | Path) -> None:
     ckpt = Path(ckpt)
     state_dir = ckpt / ACCELERATE_STATE
     hint = f"; delete {ckpt} to resume from the previous checkpoint"
+    from accelerate.utils.other import load
+
+    # accelerate catches an unreadable RNG file and only logs it: the resume would silently stop being exact
+    rng_file = state_dir / f"random_states_{accelerator.process_index}.pkl"
+    try:
+        if rng_file.exists():
+            load(rng_file, map_location="cpu")
+    except _STATE_ERRORS as e:
+        raise ModelFileError(f"{rng_file}: cannot read the random-number state ({_reason(e)}){hint}") from e
     try:
         accelerator.load_state(str(state_dir))
     except OSDFaceError:
@@ -356,33 +364,6 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, modules: dict[s
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
-
-
-def _plain_file_mode(folder: Path) -> int:
-    """The mode ``open()`` gives a new file in ``folder`` (0666 minus the umask), found with a probe
-    file: reading the umask with ``os.umask`` would change it process-wide for a moment."""
-    probe = folder / f".osdface-tmp-umask-probe-{os.getpid()}"
-    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        return os.fstat(fd).st_mode & 0o777
-    finally:
-        os.close(fd)
-        probe.unlink()
-
-
-def normalize_permissions(folder: str | Path, paths: list[Path] | None = None) -> None:
-    """Give files the mode of a plainly written file (0666 minus the umask) and folders that of a
-    plain ``mkdir`` (0777 minus the umask): all of ``folder`` (itself included), or only ``paths`` in it.
-
-    safetensors (0.5 and later) writes its files 0600 through a private temporary; a model folder,
-    checkpoint or exported file should be as readable as any other file its owner writes.
-    """
-    folder = Path(folder)
-    file_mode = _plain_file_mode(folder)
-    dir_mode = file_mode | ((file_mode & 0o444) >> 2)  # x wherever r (0644 → 0755, 0600 → 0700)
-    for p in [folder, *folder.rglob("*")] if paths is None else paths:
-        if not p.is_symlink():
-            p.chmod(dir_mode if p.is_dir() else file_mode)
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:

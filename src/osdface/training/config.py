@@ -33,6 +33,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from ..errors import OSDFaceError
+from ..utils.io import yaml_error_reason
 
 T = TypeVar("T")
 
@@ -384,7 +385,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: cannot parse value ({e})") from None
+        raise ConfigError(f"override {item!r}: cannot parse value ({yaml_error_reason(e)})") from None
     return path, value
 
 
@@ -456,7 +457,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML ({e})") from None
+            raise ConfigError(f"{p}: invalid YAML ({yaml_error_reason(e)})") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p}: cannot read the config file ({e})") from None
         if not isinstance(data, Mapping):

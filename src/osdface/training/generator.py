@@ -49,9 +49,9 @@ from ..losses.pixel import MSELoss
 from ..models.latent_discriminator import DEFAULT_DISC_LORA_TARGETS, LatentDiscriminator
 from ..models.lora import DEFAULT_UNET_LORA_TARGETS
 from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder
-from ..utils.io import atomic_path, write_text_atomic
+from ..utils.io import atomic_path, normalize_permissions, write_text_atomic
 from ..utils.logging import get_logger
-from .checkpoint import load_module_folder, normalize_permissions, resolve_checkpoint
+from .checkpoint import load_module_folder, resolve_checkpoint
 from .config import ConfigError, DataConfig, TrainConfig, check_bounds, dump_yaml, load_config
 from .trainer import Trainer, TrainingTask
 
@@ -303,7 +303,8 @@ def load_base_model(base_model: str | os.PathLike) -> dict[str, Any]:
 def load_components(cfg: GeneratorModelConfig) -> dict[str, Any]:
     """Read the base model and the VRE/adapter/LoRA starting point named by ``cfg`` (local files only).
 
-    Returns ``{"vae", "unet", "scheduler", "vre", "prompt_adapter" (or None), "lora" (state dict or None)}``.
+    Returns ``{"vae", "unet", "scheduler", "vre", "prompt_adapter" (or None), "lora" (state dict or None),
+    "lora_source" (its file, for messages; or None)}``.
 
     Raises:
         WeightsNotFoundError: a folder or file is missing.
@@ -318,13 +319,14 @@ def load_components(cfg: GeneratorModelConfig) -> dict[str, Any]:
     if not cfg.vre and not cfg.weights:
         raise WeightsNotFoundError("no VRE: pass --vre PATH (stage-1 export or associate_2.ckpt) to train from "
                                    "scratch, or --weights OSDFACE_DIR to fine-tune the official release")
-    out: dict[str, Any] = {**load_base_model(cfg.base_model), "prompt_adapter": None, "lora": None}
+    out: dict[str, Any] = {**load_base_model(cfg.base_model), "prompt_adapter": None, "lora": None,
+                           "lora_source": None}
     if cfg.weights:
         files = find_official_files(cfg.weights)
         vre = load_vre(cfg.vre or files.vre)
         adapter = PromptAdapter(vre.config.embed_dim, out["unet"].config.cross_attention_dim)
         adapter.load_state_dict(load_official_adapter_state_dict(files.adapter, expected=adapter.state_dict()))
-        out.update(vre=vre, prompt_adapter=adapter, lora=load_lora_file(files.lora))
+        out.update(vre=vre, prompt_adapter=adapter, lora=load_lora_file(files.lora), lora_source=str(files.lora))
         logger.info("fine-tuning the official release in %s", cfg.weights)
     else:
         out["vre"] = load_vre(cfg.vre)
@@ -511,13 +513,21 @@ def build_generator(cfg: GeneratorExperiment, components: dict[str, Any]):
             f"prompt adapter {adapter.config.in_channels}→{adapter.config.out_channels} does not fit VRE width "
             f"{vre.config.embed_dim} ({m.vre or m.weights}) / UNet cross-attention {unet.config.cross_attention_dim} "
             f"({m.base_model})")
+    n_steps = components["scheduler"].config.num_train_timesteps
+    timesteps = {"model.timestep": m.timestep, **({"model.discriminator.t_max": m.discriminator.t_max}
+                                                   if cfg.loss.gan > 0 else {})}
+    for name, t in timesteps.items():
+        if not 0 <= t < n_steps:
+            raise ModelFileError(f"{Path(m.base_model) / 'scheduler' / 'scheduler_config.json'}: the scheduler has "
+                                 f"num_train_timesteps = {n_steps}, so {name} = {t} is outside [0, {n_steps})")
     disc = None
     if cfg.loss.gan > 0:
         d = m.discriminator
         disc = LatentDiscriminator.from_unet(unet, head_channels=d.head_channels, lora_rank=d.lora_rank,
                                              lora_alpha=d.lora_alpha, lora_targets=d.lora_targets)
     if components.get("lora") is not None:
-        attach_lora(unet, components["lora"])  # official file: exact modules, rank from the file, alpha = rank
+        # official file: exact modules, rank from the file, alpha = rank
+        attach_lora(unet, components["lora"], source=components.get("lora_source") or "LoRA state dict")
         got = next(iter(unet.peft_config.values()))
         if got.r != m.lora.rank:
             logger.warning("the release LoRA has rank %d (model.lora.rank %d is ignored)", got.r, m.lora.rank)

@@ -37,9 +37,9 @@ from ..losses.bundle import LossBundle, build_loss
 from ..losses.vq import VQLoss, codebook_usage
 from ..models.discriminator import NLayerDiscriminator
 from ..models.vqgan import VQAutoencoder
-from ..utils.io import atomic_path
+from ..utils.io import atomic_path, normalize_permissions
 from ..utils.logging import get_logger
-from .checkpoint import WEIGHTS_NAME, load_extra_tensors, normalize_permissions, resolve_checkpoint
+from .checkpoint import WEIGHTS_NAME, load_extra_tensors, resolve_checkpoint
 from .config import ConfigError, DataConfig, TrainConfig, check_bounds, check_value, dump_yaml, load_config
 from .trainer import Trainer, TrainingTask
 

@@ -85,6 +85,33 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _plain_file_mode(folder: Path) -> int:
+    """The mode ``open()`` gives a new file in ``folder`` (0666 minus the umask), found with a probe
+    file: reading the umask with ``os.umask`` would change it process-wide for a moment."""
+    probe = folder / f".osdface-tmp-umask-probe-{os.getpid()}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def normalize_permissions(folder: str | Path, paths: list[Path] | None = None) -> None:
+    """Give files the mode of a plainly written file (0666 minus the umask) and folders that of a
+    plain ``mkdir`` (0777 minus the umask): all of ``folder`` (itself included), or only ``paths`` in it.
+
+    safetensors (0.5 and later) writes its files 0600 through a private temporary; a model folder,
+    checkpoint or exported file should be as readable as any other file its owner writes.
+    """
+    folder = Path(folder)
+    file_mode = _plain_file_mode(folder)
+    dir_mode = file_mode | ((file_mode & 0o444) >> 2)  # x wherever r (0644 → 0755, 0600 → 0700)
+    for p in [folder, *folder.rglob("*")] if paths is None else paths:
+        if not p.is_symlink():
+            p.chmod(dir_mode if p.is_dir() else file_mode)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``.
@@ -111,7 +138,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; on success rename it to ``path``.
 
     ``path`` must not exist or be an empty folder. The temporary is created with mode 0777 minus
-    the umask (what ``mkdir`` gives), so the finished folder has normal permissions; on error it is
+    the umask (what ``mkdir`` gives), and everything written into it gets normal permissions
+    (:func:`normalize_permissions`) before the rename; on error it is
     removed with everything in it, and a killed run's leftover is removed by :func:`clean_stale_temps`.
     """
     path = Path(path)
@@ -120,6 +148,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.mkdir(tmp_path, 0o777)
     try:
         yield tmp_path
+        normalize_permissions(tmp_path)  # writers such as safetensors create 0600 files
         if path.is_dir():
             path.rmdir()  # only an empty folder; anything else raises and keeps both
         os.replace(tmp_path, path)
@@ -141,6 +170,16 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ModelFileError(f"{path}: malformed {what}: {e}") from None
+
+
+def yaml_error_reason(e: Exception) -> str:
+    """One line saying why PyYAML refused a document: the problem and where (its own text spans lines)."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
