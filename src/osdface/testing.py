@@ -192,3 +192,21 @@ def synthetic_faces(n: int = 2, size: int = TINY_RESOLUTION, seed: int = 0) -> n
         noise = rng.normal(0, 6, img.shape)
         out[i] = np.clip(img.astype(np.float64) + noise, 0, 255).astype(np.uint8)
     return out
+
+
+def snapshot_files(folder: str | os.PathLike) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative POSIX path → bytes): compare before/after a command to
+    show that its inputs come out byte-identical."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cli_error_line(stderr: str) -> str:
+    """The CLI's error as a user sees it: exactly one ``osdface: error:`` line and no traceback
+    (raises ``AssertionError`` otherwise); returns that line."""
+    if "Traceback" in stderr:
+        raise AssertionError(f"a traceback reached the user:\n{stderr}")
+    lines = [line for line in stderr.splitlines() if line.startswith("osdface: error:")]
+    if len(lines) != 1:
+        raise AssertionError(f"expected one 'osdface: error:' line, got {len(lines)}:\n{stderr}")
+    return lines[0]

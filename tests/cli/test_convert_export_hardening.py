@@ -26,22 +26,10 @@ import pytest
 import torch
 
 from osdface.cli import main
+from osdface.testing import cli_error_line, snapshot_files
 
 GEN_TINY = Path(__file__).resolve().parents[2] / "configs" / "generator-tiny.yaml"
 OFFICIAL = ("associate_2.ckpt", "embedding_change_weights.pth", "pytorch_lora_weights.safetensors")
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` (relative path → bytes)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_line_error(err: str) -> str:
-    """The CLI's error: exactly one ``osdface: error:`` line and no traceback."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("osdface: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def temporaries(folder: Path) -> list[str]:
@@ -149,19 +137,19 @@ def test_convert_hostile_release_files_are_one_line_and_leave_nothing(tmp_path, 
     base, weights = copy_release(release, tmp_path / "release")
     target = (weights if where == "weights" else base) / name
     tamper(target)
-    before = snapshot(tmp_path / "release")
+    before = snapshot_files(tmp_path / "release")
     out = tmp_path / "out" / "model"
     code = main(["convert", "--base-model", str(base), "--weights", str(weights), "-o", str(out)])
     assert code == 2
-    line = one_line_error(capsys.readouterr().err)
+    line = cli_error_line(capsys.readouterr().err)
     assert str(target) in line and reason in line, line
-    assert snapshot(tmp_path / "release") == before
+    assert snapshot_files(tmp_path / "release") == before
     assert not out.exists() and temporaries(out.parent) == []
 
 
 def test_convert_cleans_a_killed_runs_leftover_and_writes_readable_files(tmp_path, release, capsys):
     base, weights = release
-    before = snapshot(base.parent)
+    before = snapshot_files(base.parent)
     out = tmp_path / "models" / "osdface"
     leftover = leave_killed_run(out)
     assert main(["convert", "--base-model", str(base), "--weights", str(weights), "-o", str(out)]) == 0
@@ -169,7 +157,7 @@ def test_convert_cleans_a_killed_runs_leftover_and_writes_readable_files(tmp_pat
     assert temporaries(out.parent) == [], leftover
     assert (out / "model_index.json").is_file() and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert_plain_permissions(out)  # 0755 folders, 0644 files under umask 022 (safetensors alone: 0600)
-    assert snapshot(base.parent) == before
+    assert snapshot_files(base.parent) == before
     from osdface.pipelines import OSDFacePipeline
 
     OSDFacePipeline.from_pretrained(out)  # the folder is complete
@@ -182,10 +170,10 @@ def test_convert_never_writes_into_a_non_empty_folder_or_over_a_file(tmp_path, r
     (out / "mine.txt").write_text("keep me")
     argv = ["convert", "--base-model", str(base), "--weights", str(weights), "-o"]
     assert main([*argv, str(out)]) == 2
-    assert "exists and is not empty" in one_line_error(capsys.readouterr().err)
-    assert snapshot(out) == {"mine.txt": b"keep me"}
+    assert "exists and is not empty" in cli_error_line(capsys.readouterr().err)
+    assert snapshot_files(out) == {"mine.txt": b"keep me"}
     assert main([*argv, str(out / "mine.txt")]) == 2
-    assert "existing file" in one_line_error(capsys.readouterr().err)
+    assert "existing file" in cli_error_line(capsys.readouterr().err)
     assert (out / "mine.txt").read_text() == "keep me"
 
 
@@ -219,35 +207,35 @@ def test_export_of_a_hostile_named_checkpoint_is_one_line_and_leaves_nothing(tmp
     if not keep_manifest:  # a checkpoint of a version before checksums: the deeper checks must hold alone
         (ckpt / "manifest.json").unlink()
     tamper(ckpt / name)
-    before = snapshot(run)
+    before = snapshot_files(run)
     out, official = tmp_path / "out" / "model", tmp_path / "official"
     assert main(["export", str(ckpt), "-o", str(out), "--official-layout", str(official)]) == 2
-    line = one_line_error(capsys.readouterr().err)
+    line = cli_error_line(capsys.readouterr().err)
     assert str(ckpt / name) in line and reason in line, line
-    assert snapshot(run) == before
+    assert snapshot_files(run) == before
     assert not out.exists() and temporaries(out.parent) == [] and not official.exists()
 
 
 def test_export_of_a_run_falls_back_from_a_corrupt_newest_checkpoint(tmp_path, gen_run, capsys, caplog):
     run = shutil.copytree(gen_run, tmp_path / "run")
     (run / "checkpoints" / "step-0000002" / "trainer_state.json").unlink()  # an interrupted save
-    before = snapshot(run)
+    before = snapshot_files(run)
     with caplog.at_level(logging.WARNING, logger="osdface"):
         assert main(["export", str(run), "--official-layout", str(tmp_path / "official")]) == 0
     assert f"exported {run / 'checkpoints' / 'step-0000001'}" in capsys.readouterr().out
     assert any("skipping checkpoint step-0000002" in r.getMessage() for r in caplog.records)
-    assert snapshot(run) == before
+    assert snapshot_files(run) == before
 
 
 def test_export_never_overwrites_release_files_and_writes_readable_files(tmp_path, gen_run, release, capsys):
     _, weights = copy_release(release, tmp_path / "release")
-    before_release, before_run = snapshot(weights), snapshot(gen_run)
+    before_release, before_run = snapshot_files(weights), snapshot_files(gen_run)
     out = tmp_path / "models" / "trained"
     # the release the run fine-tuned from is not an export target: refused before anything is written
     assert main(["export", str(gen_run), "-o", str(out), "--official-layout", str(weights)]) == 2
-    line = one_line_error(capsys.readouterr().err)
+    line = cli_error_line(capsys.readouterr().err)
     assert str(weights) in line and "already holds" in line and "associate_2.ckpt" in line
-    assert snapshot(weights) == before_release and not out.exists() and temporaries(out.parent) == []
+    assert snapshot_files(weights) == before_release and not out.exists() and temporaries(out.parent) == []
     # a killed export's leftover is cleaned; the new folder and files have plain permissions
     leave_killed_run(out)
     official = tmp_path / "official"
@@ -255,7 +243,7 @@ def test_export_never_overwrites_release_files_and_writes_readable_files(tmp_pat
     assert temporaries(out.parent) == []
     assert (out / "model_index.json").is_file() and sorted(p.name for p in official.iterdir()) == sorted(OFFICIAL)
     assert_plain_permissions(out, *(official / n for n in OFFICIAL))
-    assert snapshot(gen_run) == before_run
+    assert snapshot_files(gen_run) == before_run
     # and the model folder is never replaced
     assert main(["export", str(gen_run), "-o", str(out)]) == 2
-    assert "exists and is not empty" in one_line_error(capsys.readouterr().err)
+    assert "exists and is not empty" in cli_error_line(capsys.readouterr().err)

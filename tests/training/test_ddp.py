@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from _helpers import free_port
 
 from osdface.training.checkpoint import latest_checkpoint, read_trainer_state
@@ -14,6 +15,7 @@ HERE = Path(__file__).resolve().parent
 TINY = HERE.parents[1] / "configs" / "vre-tiny.yaml"
 
 
+@pytest.mark.slow  # multi-second optimisation / multi-process run: ./test.sh --all (CI)
 def test_two_process_ddp_run_on_cpu(tmp_path, face_dir):
     run = tmp_path / "run"
     # 9 faces over 2 processes × batch 2 → 2 micro-batches per process per epoch; 3 steps cross an epoch

@@ -238,6 +238,7 @@ def _decoder_floor(gt: torch.Tensor, steps: int = 300) -> float:
     return float(loss.detach())
 
 
+@pytest.mark.slow  # multi-second optimisation / multi-process run: ./test.sh --all (CI)
 def test_overfit_on_real_faces_lowers_the_reconstruction_loss(tmp_path, fixed_pairs):
     steps = 40
     cfg = load_generator_config(TINY, [f"train.max_steps={steps}", "train.log_every=1", "train.ckpt_every=1000",

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from _helpers import free_port, generator_trained_tensors
 
@@ -23,6 +24,7 @@ OVERRIDES = ["train.max_steps=2", "train.ckpt_every=2", "train.log_every=1", "tr
              "data.val_images=0", "loss.ea_dists=0", "loss.identity=0"]
 
 
+@pytest.mark.slow  # multi-second optimisation / multi-process run: ./test.sh --all (CI)
 def test_two_process_ddp_equals_one_process_with_twice_the_batch(tmp_path, face_dir):
     run = tmp_path / "ddp"
     # accelerate's torchrun launcher; the worker asks for the CPU → a MULTI_CPU group on gloo

@@ -30,6 +30,7 @@ def read_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # multi-second optimisation / multi-process run: ./test.sh --all (CI)
 def test_overfit_fixed_batch_losses_fall_and_everything_is_logged(tmp_path, fixed_pairs):
     # 12 reconstruction/association steps, then 4 with the GAN (D and adaptive G terms) switched on
     steps, disc_start = 16, 12

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from osdface.cli import main
 from osdface.errors import ModelFileError
+from osdface.testing import cli_error_line, snapshot_files
 from osdface.training.checkpoint import MANIFEST, latest_checkpoint, list_checkpoints, validate_checkpoint
 from osdface.training.config import BOUNDS, ConfigError
 from osdface.training.generator import load_generator_config
@@ -36,19 +37,6 @@ from osdface.training.vre import load_vre_config
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 VRE_TINY = CONFIGS / "vre-tiny.yaml"
 GEN_TINY = CONFIGS / "generator-tiny.yaml"
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` (relative path → bytes): inputs must come out byte-identical."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_line_error(err: str) -> str:
-    """The CLI's error: exactly one ``osdface: error:`` line and no traceback."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("osdface: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------- config bounds
@@ -107,13 +95,13 @@ def test_a_bad_value_in_the_file_names_the_file(tmp_path):
 
 def test_cli_reports_an_absurd_size_in_one_line(tmp_path, small_face_dir, capsys):
     run = tmp_path / "run"
-    before = snapshot(small_face_dir)
+    before = snapshot_files(small_face_dir)
     argv = ["train", "vre", "--config", str(VRE_TINY), "--data", str(small_face_dir), "-o", str(run), "--cpu",
             "--set", "model.vqgan.ch=100000"]
     assert main(argv) == 2
-    line = one_line_error(capsys.readouterr().err)
+    line = cli_error_line(capsys.readouterr().err)
     assert "model.vqgan.ch" in line and "100000" in line and "1024" in line
-    assert not run.exists() and snapshot(small_face_dir) == before
+    assert not run.exists() and snapshot_files(small_face_dir) == before
 
 
 # ------------------------------------------------------------------------------------ stage-1 runs
@@ -168,7 +156,7 @@ def faces_with_bad(tmp_path, face_crops):
 
 def test_undecodable_images_are_skipped_counted_and_resume_still_equals_the_full_run(tmp_path, faces_with_bad,
                                                                                      caplog, capsys):
-    before = snapshot(faces_with_bad)
+    before = snapshot_files(faces_with_bad)
     # 4 files, batch 2: epoch 0 draws every file, so both undecodable ones are met (and replaced)
     full, split = tmp_path / "full", tmp_path / "split"
     with caplog.at_level(logging.WARNING, logger="osdface"):
@@ -185,7 +173,7 @@ def test_undecodable_images_are_skipped_counted_and_resume_still_equals_the_full
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     one = ckpt_tensors(list_checkpoints(full)[0])
     assert any(not torch.equal(one[k], a[k]) for k in a)  # step 2 really trained: the comparison is not vacuous
-    assert snapshot(faces_with_bad) == before
+    assert snapshot_files(faces_with_bad) == before
 
 
 def test_a_folder_of_only_undecodable_images_is_one_clear_error(tmp_path, capsys):
@@ -193,11 +181,11 @@ def test_a_folder_of_only_undecodable_images_is_one_clear_error(tmp_path, capsys
     data.mkdir()
     for name in ("a.png", "b.jpg"):
         (data / name).write_bytes(b"garbage")
-    before = snapshot(data)
+    before = snapshot_files(data)
     assert main(vre_argv(data, tmp_path / "run", 1, "--set", "train.batch_size=1")) == 2
-    line = one_line_error(capsys.readouterr().err)
+    line = cli_error_line(capsys.readouterr().err)
     assert "none of the 2 training images" in line and str(data) in line
-    assert snapshot(data) == before
+    assert snapshot_files(data) == before
 
 
 def test_resume_falls_back_from_a_corrupt_latest_checkpoint_and_equals_the_uninterrupted_run(
@@ -209,7 +197,7 @@ def test_resume_falls_back_from_a_corrupt_latest_checkpoint_and_equals_the_unint
     killed_save = run / "checkpoints" / ".tmp-step-0000007"  # what a save killed midway leaves
     (killed_save / "accelerate_state").mkdir(parents=True)
     (killed_save / "accelerate_state" / "optimizer.bin").write_bytes(b"half")
-    older = snapshot(run / "checkpoints" / "step-0000001")
+    older = snapshot_files(run / "checkpoints" / "step-0000001")
     with caplog.at_level(logging.WARNING, logger="osdface"):
         assert main(vre_argv(small_face_dir, run, 2, "--resume")) == 0
     msgs = [r.getMessage() for r in caplog.records]
@@ -219,7 +207,7 @@ def test_resume_falls_back_from_a_corrupt_latest_checkpoint_and_equals_the_unint
     got = ckpt_tensors(latest)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
     validate_checkpoint(latest)
-    assert snapshot(run / "checkpoints" / "step-0000001") == older
+    assert snapshot_files(run / "checkpoints" / "step-0000001") == older
     assert not killed_save.exists()
 
 
@@ -254,11 +242,11 @@ def test_resume_with_no_usable_checkpoint_is_one_line_and_leaves_the_run_untouch
     for ckpt in list_checkpoints(run):
         state = json.loads((ckpt / "trainer_state.json").read_text())
         (ckpt / "trainer_state.json").write_text(json.dumps({**state, "step": -5}))
-    before = snapshot(run)
+    before = snapshot_files(run)
     assert main(vre_argv(small_face_dir, run, 3, "--resume")) == 2
-    line = one_line_error(capsys.readouterr().err)
+    line = cli_error_line(capsys.readouterr().err)
     assert "no usable checkpoint" in line and "step-0000002/trainer_state.json" in line and "-5" in line
-    assert snapshot(run) == before
+    assert snapshot_files(run) == before
 
 
 def _garbage(f: Path) -> None:
@@ -282,11 +270,11 @@ def test_tampered_accelerate_state_is_one_line_naming_the_file(tmp_path, vre_run
     ckpt = run / "checkpoints" / "step-0000002"
     (ckpt / MANIFEST).unlink()
     tamper(ckpt / "accelerate_state" / "optimizer.bin")
-    before = snapshot(run)
+    before = snapshot_files(run)
     assert main(vre_argv(small_face_dir, run, 3, "--resume")) == 2
-    line = one_line_error(capsys.readouterr().err)
+    line = cli_error_line(capsys.readouterr().err)
     assert "accelerate_state/optimizer.bin: cannot read the training state" in line and reason in line, line
-    assert snapshot(run) == before
+    assert snapshot_files(run) == before
 
 
 def test_checksums_catch_a_modified_state_file(tmp_path, vre_run, small_face_dir, capsys):
@@ -296,25 +284,25 @@ def test_checksums_catch_a_modified_state_file(tmp_path, vre_run, small_face_dir
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped bit inside a tensor: torch would load it silently
     f.write_bytes(bytes(data))
-    before = snapshot(run)
+    before = snapshot_files(run)
     assert main(vre_argv(small_face_dir, run, 3, "--resume")) == 2
-    line = one_line_error(capsys.readouterr().err)
+    line = cli_error_line(capsys.readouterr().err)
     assert "optimizer.bin: contents differ from the checksum" in line
-    assert snapshot(run) == before
+    assert snapshot_files(run) == before
 
 
 def test_an_explicitly_named_corrupt_checkpoint_is_an_error(tmp_path, vre_run, small_face_dir, capsys):
     run = copy_run(vre_run, tmp_path / "hq")
     named = run / "checkpoints" / "step-0000002"
     (named / "trainer_state.json").write_text("{not json")
-    before = snapshot(run)
+    before = snapshot_files(run)
     argv = ["train", "vre", "--config", str(VRE_TINY), "--data", str(small_face_dir), "-o", str(tmp_path / "assoc"),
             "--cpu", "--max-steps", "1", "--set", "phase=assoc", f"model.init_hq={named}", "loss.lpips=0",
             "train.val_every=0", "data.val_images=1", "train.batch_size=1"]
     assert main(argv) == 2
-    line = one_line_error(capsys.readouterr().err)
+    line = cli_error_line(capsys.readouterr().err)
     assert f"{named / 'trainer_state.json'}: malformed trainer state" in line
-    assert snapshot(run) == before
+    assert snapshot_files(run) == before
     # the run folder (not a named checkpoint) falls back to step 1
     assert latest_checkpoint(run) == run / "checkpoints" / "step-0000001"
 
@@ -371,12 +359,12 @@ def test_train_generator_hostile_model_files_are_one_line(tmp_path, release, sma
     target = {"vre": weights / "associate_2.ckpt", "adapter": weights / "embedding_change_weights.pth",
               "lora": weights / "pytorch_lora_weights.safetensors", "unet_json": base / "unet" / "config.json"}[which]
     tamper(target)
-    before = snapshot(root), snapshot(small_face_dir)
+    before = snapshot_files(root), snapshot_files(small_face_dir)
     run = tmp_path / "run"
     assert main(gen_argv(small_face_dir, run, base, 1, "--weights", str(weights))) == 2
-    line = one_line_error(capsys.readouterr().err)
+    line = cli_error_line(capsys.readouterr().err)
     assert str(target) in line and reason in line, line
-    assert (snapshot(root), snapshot(small_face_dir)) == before
+    assert (snapshot_files(root), snapshot_files(small_face_dir)) == before
     assert not (run / "checkpoints").exists()
 
 
@@ -387,29 +375,29 @@ def test_train_generator_resume_with_a_tampered_optimizer_state_is_one_line(tmp_
     assert main(gen_argv(small_face_dir, run, base, 1, "--weights", str(weights))) == 0
     ckpt = run / "checkpoints" / "step-0000001"
     _garbage(ckpt / "accelerate_state" / "optimizer.bin")
-    before = snapshot(run)
+    before = snapshot_files(run)
     # with the checksums: the checkpoint is not intact, and there is no older one
     assert main(gen_argv(small_face_dir, run, base, 2, "--weights", str(weights), resume=True)) == 2
-    line = one_line_error(capsys.readouterr().err)
+    line = cli_error_line(capsys.readouterr().err)
     assert "no usable checkpoint" in line and "accelerate_state/optimizer.bin" in line
-    assert snapshot(run) == before
+    assert snapshot_files(run) == before
     # without them (a checkpoint of an older version): torch's error on reading, named
     (ckpt / MANIFEST).unlink()
-    before = snapshot(run)
+    before = snapshot_files(run)
     assert main(gen_argv(small_face_dir, run, base, 2, "--weights", str(weights), resume=True)) == 2
-    line = one_line_error(capsys.readouterr().err)
+    line = cli_error_line(capsys.readouterr().err)
     assert f"{ckpt / 'accelerate_state' / 'optimizer.bin'}: cannot read the training state" in line, line
-    assert snapshot(run) == before
+    assert snapshot_files(run) == before
 
 
 def test_bad_run_and_data_folders_are_one_line(tmp_path, small_face_dir, capsys):
     afile = tmp_path / "notes.txt"
     afile.write_text("mine")
     assert main(vre_argv(small_face_dir, afile, 1)) == 2
-    assert f"{afile}: -o names an existing file" in one_line_error(capsys.readouterr().err)
+    assert f"{afile}: -o names an existing file" in cli_error_line(capsys.readouterr().err)
     assert afile.read_text() == "mine"
     assert main(vre_argv(tmp_path / "no-such-faces", tmp_path / "run", 1)) == 2
-    assert f"{tmp_path / 'no-such-faces'}: no such folder" in one_line_error(capsys.readouterr().err)
+    assert f"{tmp_path / 'no-such-faces'}: no such folder" in cli_error_line(capsys.readouterr().err)
     bad_preset = ["--set", "data.degradation=strong"]
     assert main(vre_argv(small_face_dir, tmp_path / "run", 1, *bad_preset)) == 2
-    assert "unknown degradation preset 'strong'" in one_line_error(capsys.readouterr().err)
+    assert "unknown degradation preset 'strong'" in cli_error_line(capsys.readouterr().err)
