@@ -1,6 +1,7 @@
 """``osdface train generator``: stage 2, the one-step generator (docs/method.md §6).
 
-Registered under ``osdface train`` by :func:`add_parser` (called from :mod:`osdface.cli.train`).
+Registered under ``osdface train`` by :func:`add_parser` (called from :mod:`osdface.cli.train`; the shared
+flags and reporting are in :mod:`osdface.cli.train_common`).
 Several GPUs / nodes: ``accelerate launch --multi_gpu --num_processes 8 -m osdface train generator ...``.
 """
 
@@ -9,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import CLIError
+from .train_common import add_common_args, config_overrides, print_result
 
 
-def add_parser(tsub, add_common) -> None:
-    """Add ``generator`` to the ``osdface train`` subparsers ``tsub`` (``add_common`` adds the shared flags)."""
+def add_parser(tsub) -> None:
+    """Add ``generator`` to the ``osdface train`` subparsers ``tsub``."""
     p = tsub.add_parser(
         "generator", help="stage 2: the one-step generator (UNet LoRA + prompt adapter, GAN guidance)",
         description="Train the OSDFace generator: LoRA on the SD 2.1-base UNet + the prompt adapter, with MSE, "
@@ -20,7 +22,7 @@ def add_parser(tsub, add_common) -> None:
         "or the official associate_2.ckpt) or fine-tune the official release (--weights). Writes "
         "RUN_DIR/checkpoints/step-*/, RUN_DIR/logs (TensorBoard), RUN_DIR/log.jsonl and RUN_DIR/export/ (the three "
         "official-layout files); 'osdface export RUN_DIR -o MODEL_DIR' makes a model folder.")
-    add_common(p)
+    add_common_args(p, example_config="configs/generator-paper.yaml")
     p.add_argument("--base-model", metavar="SD_DIR",
                    help="Stable Diffusion 2.1-base diffusers folder (scheduler/, unet/, vae/); sets model.base_model")
     p.add_argument("--vre", metavar="PATH", help="frozen VRE: a VisualPromptEncoder folder (stage-1 RUN/export/vre) "
@@ -33,10 +35,9 @@ def add_parser(tsub, add_common) -> None:
 def run(args) -> int:
     from ..training.generator import load_generator_config, train_generator
     from .common import check_output_dir
-    from .train import _overrides, print_result
 
     check_output_dir("-o", args.output)
-    items = _overrides(args)
+    items = config_overrides(args)
     for flag, key in (("base_model", "model.base_model"), ("vre", "model.vre"), ("weights", "model.weights")):
         value = getattr(args, flag)
         if value is not None:  # absolute: the run records it (resume, export from anywhere)
