@@ -22,7 +22,14 @@ from ..errors import OutputPathError
 from ..image import ImageError, read_image, save_image
 from ..utils.io import clean_stale_temps, write_text_atomic
 from ..utils.logging import get_logger
-from .degradation import PRESETS, DegradationSpec, Degrader, image_seed, resolve_degradation
+from .degradation import (
+    PRESETS,
+    DegradationConfig,
+    DegradationSpec,
+    Degrader,
+    image_seed,
+    resolve_degradation,
+)
 from .files import list_images
 
 __all__ = ["MANIFEST_FORMAT", "FolderDegradationResult", "degrade_folder", "format_manifest", "lq_name"]
@@ -54,24 +61,29 @@ class FolderDegradationResult:
         return self.manifest["images"]
 
 
-# Worker state: one Degrader per process (built by the pool initializer).
-_WORKER: dict[str, Any] = {}
+# Pool workers only: the Degrader of this spawned worker process, built once by _init_pool_worker
+# (ProcessPoolExecutor's initializer cannot hand state to the tasks any other way). The
+# single-process path passes its Degrader explicitly and never touches it.
+_POOL_DEGRADER: list[Degrader] = []
 
 
-def _init_worker(config: dict[str, Any], single_thread: bool = False) -> None:
-    from .degradation import DegradationConfig
+def _init_pool_worker(config: DegradationConfig) -> None:
+    """Initializer of a freshly spawned pool worker: one thread for OpenCV (the processes provide
+    the parallelism) and this process's Degrader."""
+    import cv2
 
-    if single_thread:  # only in freshly spawned workers: the processes provide the parallelism
-        import cv2
-
-        cv2.setNumThreads(1)
-
-    _WORKER["degrader"] = Degrader(DegradationConfig.from_dict(config))
+    cv2.setNumThreads(1)
+    _POOL_DEGRADER[:] = [Degrader(config)]
 
 
-def _degrade_one(src: str, rel: str, dst: str, seed: int) -> tuple[str, dict[str, Any] | None, str | None]:
+def _pool_degrade_one(src: str, rel: str, dst: str, seed: int) -> tuple[str, dict[str, Any] | None, str | None]:
+    """:func:`_degrade_one` with the pool worker's Degrader."""
+    return _degrade_one(_POOL_DEGRADER[0], src, rel, dst, seed)
+
+
+def _degrade_one(degrader: Degrader, src: str, rel: str, dst: str, seed: int
+                 ) -> tuple[str, dict[str, Any] | None, str | None]:
     """Degrade ``src`` into ``dst``; returns (rel, manifest record or None, error or None)."""
-    degrader: Degrader = _WORKER["degrader"]
     try:
         hq = read_image(src).rgb
         s = image_seed(seed, rel, 0)
@@ -193,17 +205,14 @@ def degrade_folder(
 
     try:
         if workers == 1 or len(jobs) <= 1:
-            _init_worker(config.to_dict())
-            try:
-                for job in jobs:
-                    collect(*_degrade_one(*job))
-            finally:
-                _WORKER.clear()
+            degrader = Degrader(config)
+            for job in jobs:
+                collect(*_degrade_one(degrader, *job))
         else:
             # spawn: safe with OpenCV/torch threads in the parent (fork can deadlock them)
             with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn"),
-                                     initializer=_init_worker, initargs=(config.to_dict(), True)) as pool:
-                futures = [pool.submit(_degrade_one, *job) for job in jobs]
+                                     initializer=_init_pool_worker, initargs=(config,)) as pool:
+                futures = [pool.submit(_pool_degrade_one, *job) for job in jobs]
                 for fut in as_completed(futures):
                     collect(*fut.result())
     finally:
