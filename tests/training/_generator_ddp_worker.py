@@ -9,7 +9,8 @@ import torch
 
 from osdface.testing import tiny_components
 from osdface.training.config import dump_yaml
-from osdface.training.generator import GeneratorTask, build_dataset, load_generator_config
+from osdface.training.generator_config import load_generator_config
+from osdface.training.generator_task import GeneratorTask, build_dataset
 from osdface.training.trainer import Trainer
 
 

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from osdface.testing import tiny_components
 from osdface.training.checkpoint import latest_checkpoint, list_checkpoints
-from osdface.training.generator import GeneratorTask, load_generator_config, train_generator
+from osdface.training.generator_config import load_generator_config
+from osdface.training.generator_task import GeneratorTask, train_generator
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "generator-tiny.yaml"
 FAST = ["loss.ea_dists=0", "loss.identity=0"]  # those networks are exercised by the step tests
@@ -148,7 +149,7 @@ def test_gan_schedule_and_shared_noise(accelerator, fixed_pairs):
 
 def test_latent_discriminator_copies_the_unet_encoder_and_round_trips(tmp_path):
     from osdface.models.latent_discriminator import LatentDiscriminator
-    from osdface.training.generator import DiscriminatorFolder, load_discriminator
+    from osdface.training.generator_task import DiscriminatorFolder, load_discriminator
 
     unet = tiny_components(0)["unet"]
     d = LatentDiscriminator.from_unet(unet, head_channels=16, lora_rank=4, lora_alpha=4, seed=1)

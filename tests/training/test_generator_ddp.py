@@ -16,7 +16,8 @@ from _helpers import free_port, generator_trained_tensors
 
 from osdface.testing import tiny_components
 from osdface.training.checkpoint import latest_checkpoint, read_trainer_state
-from osdface.training.generator import load_generator_config, train_generator
+from osdface.training.generator_config import load_generator_config
+from osdface.training.generator_task import train_generator
 
 HERE = Path(__file__).resolve().parent
 TINY = HERE.parents[1] / "configs" / "generator-tiny.yaml"

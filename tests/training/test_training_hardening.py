@@ -31,7 +31,7 @@ from osdface.errors import ModelFileError
 from osdface.testing import cli_error_line, snapshot_files
 from osdface.training.checkpoint import MANIFEST, latest_checkpoint, list_checkpoints, validate_checkpoint
 from osdface.training.config import BOUNDS, ConfigError
-from osdface.training.generator import load_generator_config
+from osdface.training.generator_config import load_generator_config
 from osdface.training.vre import load_vre_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -33,7 +33,8 @@ def add_parser(tsub) -> None:
 
 
 def run(args) -> int:
-    from ..training.generator import load_generator_config, train_generator
+    from ..training.generator_config import load_generator_config
+    from ..training.generator_task import train_generator
     from .common import check_output_dir
 
     check_output_dir("-o", args.output)

@@ -1,15 +1,22 @@
 """Weighted sums of ``(pred, target) -> scalar`` losses, with the named terms kept for logging.
 
 The explicit name → factory dictionary :data:`RECONSTRUCTION_LOSSES` is the one place a loss
-name in a config is resolved; unknown names raise with the valid choices. Every loss built from
-it takes **model-space** images (``(B, 3, H, W)`` in [-1, 1], as the decoders produce): pixel
-losses compare them directly (DAEFR's L1 is on [-1, 1]), LPIPS maps them to [0, 1] first.
+name in a config is resolved, for both training stages; unknown names raise with the valid
+choices. A loss built from it takes ``(B, 3, H, W)`` images in the range
+:func:`loss_input_range` names:
+
+* ``"model"`` (model space, [-1, 1], as the decoders produce): the pixel losses compare them
+  directly (DAEFR's L1 is on [-1, 1]; stage 2's MSE on decoded images in [-1, 1]), LPIPS maps
+  them to [0, 1] first;
+* ``"unit"`` ([0, 1]): stage 2's EA-DISTS and identity losses, which take the images as the
+  pipeline returns them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -43,20 +50,52 @@ def _lpips(net: str = "vgg", pretrained: bool = True) -> nn.Module:
     return FromModelRange(loss)
 
 
+def _ea_dists(weights_dir: str | None = None, pretrained: bool = True) -> nn.Module:
+    """EA-DISTS (docs/method.md §6.2b) on [0, 1] images; ``pretrained=False``: random DISTS network."""
+    from .perceptual import EdgeAwareDISTSLoss  # heavy backend, imported lazily
+
+    return EdgeAwareDISTSLoss(weights_dir=weights_dir, pretrained=pretrained)
+
+
+def _identity(network: str = "arcface", weights: str | None = None, weights_dir: str | None = None,
+              pretrained: bool = True) -> nn.Module:
+    """``1 − cos`` identity loss (docs/method.md §6.2c) on [0, 1] images with the named identity network."""
+    from .identity import IdentityLoss, build_identity_network  # heavy backend, imported lazily
+
+    return IdentityLoss(build_identity_network(network, weights=weights, weights_dir=weights_dir,
+                                               pretrained=pretrained))
+
+
 #: loss name → factory (keyword options from the config go to the factory).
 RECONSTRUCTION_LOSSES: dict[str, Callable[..., nn.Module]] = {
     "l1": L1Loss,
     "l2": MSELoss,
+    "mse": MSELoss,
     "charbonnier": CharbonnierLoss,
     "lpips": _lpips,
+    "ea_dists": _ea_dists,
+    "identity": _identity,
 }
+
+#: registered losses that take images in [0, 1]; every other one takes model space [-1, 1].
+UNIT_RANGE_LOSSES = frozenset({"ea_dists", "identity"})
+
+
+def _check_name(name: str) -> None:
+    if name not in RECONSTRUCTION_LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose from {', '.join(sorted(RECONSTRUCTION_LOSSES))}")
 
 
 def build_loss(name: str, **options) -> nn.Module:
     """Instantiate a registered loss by name."""
-    if name not in RECONSTRUCTION_LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose from {', '.join(sorted(RECONSTRUCTION_LOSSES))}")
+    _check_name(name)
     return RECONSTRUCTION_LOSSES[name](**options)
+
+
+def loss_input_range(name: str) -> Literal["model", "unit"]:
+    """The image range the registered loss ``name`` takes: ``"model"`` ([-1, 1]) or ``"unit"`` ([0, 1])."""
+    _check_name(name)
+    return "unit" if name in UNIT_RANGE_LOSSES else "model"
 
 
 @dataclass

@@ -9,7 +9,7 @@ same ``t`` and ``ε`` (DFOSD's noise-aware discriminator, as quoted for OSDFace 
 
 Other formulations (``hinge``, ``lsgan``) are available through :class:`osdface.losses.adversarial.GANLoss`.
 The generator and discriminator objectives are separate functions; callers freeze the
-discriminator for the generator objective (see :mod:`osdface.training.generator`).
+discriminator for the generator objective (see :mod:`osdface.training.generator_task`).
 """
 
 from __future__ import annotations

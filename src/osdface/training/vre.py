@@ -39,14 +39,16 @@ from ..models.discriminator import NLayerDiscriminator
 from ..models.vqgan import VQAutoencoder
 from ..utils.io import atomic_path, normalize_permissions
 from ..utils.logging import get_logger
+from ..weights import OFFICIAL_VRE_FILE
 from .checkpoint import WEIGHTS_NAME, load_extra_tensors, resolve_checkpoint
 from .config import ConfigError, DataConfig, TrainConfig, check_bounds, check_value, dump_yaml, load_config
-from .trainer import Trainer, TrainingTask
+from .gan_task import GANTask, as_dataset, frozen, milestone_factor
+from .trainer import Trainer
 
 logger = get_logger(__name__)
 
 Phase = Literal["hq", "lq", "assoc"]
-OFFICIAL_VRE_NAME = "associate_2.ckpt"
+OFFICIAL_VRE_NAME = OFFICIAL_VRE_FILE
 
 
 # ------------------------------------------------------------------------------ config
@@ -197,12 +199,14 @@ def _load_into(module: nn.Module, folder: Path) -> None:
 
     The folder's ``config.json`` is compared with the module's config first, so a folder of another
     (or an absurd) architecture is refused before any of its tensors are read; the weights are read
-    as safetensors and loaded strictly.
+    as safetensors, their keys and shapes checked (:func:`osdface.io.state_dicts.load_checked`) and
+    loaded strictly.
 
     Raises:
         WeightsNotFoundError: no config or weights file.
         ModelFileError: naming the file: malformed config, another architecture, or tensors that do not fit.
     """
+    from ..io.state_dicts import load_checked
     from ..safe_load import load_safetensors
     from ..utils.io import read_json
 
@@ -219,14 +223,7 @@ def _load_into(module: nn.Module, folder: Path) -> None:
         raise ModelFileError(f"{config_file}: architecture differs from the experiment config in {diff} "
                              f"(config {[ours[k] for k in diff]}, folder {[theirs[k] for k in diff]})")
     sd = load_safetensors(folder / WEIGHTS_NAME, what="model")
-    expected = module.state_dict()
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        example = (missing + unexpected + wrong)[0]
-        raise ModelFileError(f"{folder / WEIGHTS_NAME}: tensors do not match {config_file.name} ({len(missing)} "
-                             f"missing, {len(unexpected)} unexpected, {len(wrong)} of another shape; e.g. {example!r})")
-    module.load_state_dict(sd, strict=True)
+    load_checked(module, sd, folder / WEIGHTS_NAME, f"the weights of the architecture in {config_file.name}")
 
 
 def _aslist(v):
@@ -299,8 +296,9 @@ class DiscriminatorPair(nn.Module):
 
 
 # -------------------------------------------------------------------------------- task
-class VRETask(TrainingTask):
-    """The stage-1 model/loss step for one phase (see the module docstring)."""
+class VRETask(GANTask):
+    """The stage-1 model/loss step for one phase (see the module docstring); the optimiser step,
+    unwrapping and freezing come from :class:`~osdface.training.gan_task.GANTask`."""
 
     def __init__(self, cfg: VREExperiment):
         self.cfg = cfg
@@ -349,14 +347,12 @@ class VRETask(TrainingTask):
         self.base_disc_lr = (o.disc_lr if o.disc_lr is not None else o.lr) * scale
         gen_params = [p for p in gen.parameters() if p.requires_grad]
         opt_g = torch.optim.Adam(gen_params, lr=self.base_lr, betas=o.betas, weight_decay=o.weight_decay)
+        dpair = opt_d = None
         if discs:
             dpair = DiscriminatorPair(discs)
             opt_d = torch.optim.Adam(dpair.parameters(), lr=self.base_disc_lr, betas=o.betas,
                                      weight_decay=o.weight_decay)
-            self.gen, self.opt_g, self.disc, self.opt_d = acc.prepare(gen, opt_g, dpair, opt_d)
-        else:
-            self.gen, self.opt_g = acc.prepare(gen, opt_g)
-            self.disc = self.opt_d = None
+        self.prepare(gen, opt_g, dpair, opt_d)
         logger.info("stage 1 phase %r: training %s; %.2f M generator and %.2f M discriminator parameters; "
                     "lr %.3g (disc %.3g)", self.phase, "+".join(self.trainable),
                     sum(p.numel() for p in gen_params) / 1e6,
@@ -364,14 +360,6 @@ class VRETask(TrainingTask):
                     self.base_lr, self.base_disc_lr)
 
     # ----------------------------------------------------------------------- helpers
-    @property
-    def gen_module(self) -> VQGANPair:
-        return self.accelerator.unwrap_model(self.gen)
-
-    @property
-    def disc_module(self) -> DiscriminatorPair | None:
-        return None if self.disc is None else self.accelerator.unwrap_model(self.disc)
-
     def _inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Branch → model-space input (= reconstruction target): HQ sees ``gt``, LQ sees ``lq``."""
         x = {}
@@ -391,9 +379,7 @@ class VRETask(TrainingTask):
         acc, lc = self.accelerator, self.cfg.loss
         use_gan = self.gan_active(step)
         dmod = self.disc_module
-        if dmod is not None:
-            dmod.requires_grad_(False)
-        try:
+        with frozen(dmod):
             with acc.autocast():
                 out = self.gen(inputs)
             total = 0.0
@@ -426,9 +412,6 @@ class VRETask(TrainingTask):
                 logs["assoc/logit_scale"] = float(self.gen_module.assoc.logit_scale.detach().exp())
             logs["g_total"] = float(total.detach())
             acc.backward(total * loss_scale)
-        finally:
-            if dmod is not None:
-                dmod.requires_grad_(True)
         return out, logs
 
     # ------------------------------------------------------------------- the D step
@@ -458,29 +441,17 @@ class VRETask(TrainingTask):
             logs.update(self.discriminator_step(inputs, out, loss_scale))
         return logs
 
-    def _lr_factor(self, step: int) -> float:
+    # the schedule of GANTask.optimizer_step
+    @property
+    def grad_clip(self) -> float:
+        return self.cfg.optim.grad_clip
+
+    def lr_factor(self, step: int) -> float:
         o = self.cfg.optim
-        return o.lr_gamma ** sum(step >= m for m in o.lr_milestones)
+        return milestone_factor(step, o.lr_milestones, o.lr_gamma)
 
-    def optimizer_step(self, step: int) -> None:
-        acc, o = self.accelerator, self.cfg.optim
-        f = self._lr_factor(step)
-        for g in self.opt_g.param_groups:
-            g["lr"] = self.base_lr * f
-        if o.grad_clip > 0:
-            acc.clip_grad_norm_(self.gen.parameters(), o.grad_clip)
-        self.opt_g.step()
-        self.opt_g.zero_grad(set_to_none=True)
-        if self.gan_active(step):
-            for g in self.opt_d.param_groups:
-                g["lr"] = self.base_disc_lr * f
-            if o.grad_clip > 0:
-                acc.clip_grad_norm_(self.disc.parameters(), o.grad_clip)
-            self.opt_d.step()
-            self.opt_d.zero_grad(set_to_none=True)
-
-    def ddp_modules(self):
-        return [m for m in (self.gen, self.disc) if m is not None]
+    def d_update(self, step: int) -> bool:
+        return self.gan_active(step)
 
     def checkpoint_modules(self):
         g, d = self.gen_module, self.disc_module
@@ -492,12 +463,6 @@ class VRETask(TrainingTask):
     def extra_tensors(self):
         g = self.gen_module
         return {"logit_scale": g.assoc.logit_scale.detach()} if g.assoc is not None else {}
-
-    def learning_rates(self):
-        out = {"generator": self.opt_g.param_groups[0]["lr"]}
-        if self.opt_d is not None:
-            out["discriminator"] = self.opt_d.param_groups[0]["lr"]
-        return out
 
     # ------------------------------------------------------------------- statistics
     def _count_codes(self, branch: str, indices: torch.Tensor) -> None:
@@ -621,15 +586,6 @@ def export_vre(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, num_to
 
 
 # ------------------------------------------------------------------------------ entry
-def build_dataset(cfg: VREExperiment, roots: Sequence[str | os.PathLike]):
-    """The on-the-fly degraded face dataset of ``osdface.data``; an undecodable image is skipped and
-    replaced (the trainer logs the count)."""
-    from ..data.datasets import DegradedFaceDataset
-
-    return DegradedFaceDataset(list(roots), degradation=cfg.data.degradation, size=cfg.data.size,
-                               hflip=cfg.data.hflip, seed=cfg.train.seed, undecodable="replace")
-
-
 def train_vre(cfg: VREExperiment, data: Sequence[str | os.PathLike] | Any, run_dir: str | os.PathLike,
               val_data: Sequence[str | os.PathLike] | Any | None = None, resume: bool = False,
               cpu: bool = False) -> dict[str, Any]:
@@ -649,14 +605,8 @@ def train_vre(cfg: VREExperiment, data: Sequence[str | os.PathLike] | Any, run_d
     if cfg.data.size != cfg.model.vqgan.resolution:
         raise ConfigError(f"data.size ({cfg.data.size}) must equal model.vqgan.resolution "
                           f"({cfg.model.vqgan.resolution})", key="data.size")
-    is_paths = isinstance(data, (str, os.PathLike)) or (
-        isinstance(data, (list, tuple)) and all(isinstance(d, (str, os.PathLike)) for d in data))
-    dataset = build_dataset(cfg, [data] if isinstance(data, (str, os.PathLike)) else data) if is_paths else data
-    val = val_data
-    if val_data is not None and (isinstance(val_data, (str, os.PathLike)) or isinstance(val_data, (list, tuple))):
-        val = build_dataset(cfg, [val_data] if isinstance(val_data, (str, os.PathLike)) else val_data)
-    trainer = Trainer(cfg.train, VRETask(cfg), dataset, run_dir, resolved_config=dump_yaml(cfg),
-                      val_dataset=val, num_workers=cfg.data.num_workers, val_images=cfg.data.val_images,
+    trainer = Trainer(cfg.train, VRETask(cfg), as_dataset(cfg, data), run_dir, resolved_config=dump_yaml(cfg),
+                      val_dataset=as_dataset(cfg, val_data), num_workers=cfg.data.num_workers, val_images=cfg.data.val_images,
                       resume=resume, cpu=cpu)
     return trainer.fit()
 
