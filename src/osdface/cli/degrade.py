@@ -73,10 +73,7 @@ def run(args) -> int:
     out_dir = check_output_dir("-o", args.output)
     if out_dir.exists() and out_dir.resolve() == hq_dir.resolve():
         raise OutputPathError(f"{out_dir}: the output folder is the input folder; choose another one")
-    try:
-        config = _build_config(args)
-    except ValueError as e:  # the config file or a range is invalid (data.degradation raises ValueError)
-        raise CLIError(str(e)) from e
+    config = _build_config(args)  # an invalid file or range: ConfigError (an OSDFaceError, one line in main)
     # every path this run writes, checked before any work: the manifest is never an HQ or LQ image;
     # the default one inside OUT_DIR is osdface's own and replaced on a re-run
     names = list_images(hq_dir, recursive=False)

@@ -40,6 +40,7 @@ from typing import Any, Union
 import cv2
 import numpy as np
 
+from ..config import ConfigError
 from ..image import bgr_to_rgb, rgb_to_bgr
 from ..utils.io import yaml_error_reason
 
@@ -201,20 +202,20 @@ class DegradationConfig:
 
     def _validate(self) -> None:
         if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be a positive odd int, got {self.kernel_size!r}")
+            raise ConfigError(f"kernel_size must be a positive odd int, got {self.kernel_size!r}")
         if not self.kernel_list:
-            raise ValueError("kernel_list must name at least one kernel type")
+            raise ConfigError("kernel_list must name at least one kernel type")
         for k in self.kernel_list:
             if k not in KERNEL_TYPES:
-                raise ValueError(f"unknown kernel type {k!r}; choose from {sorted(KERNEL_TYPES)}")
+                raise ConfigError(f"unknown kernel type {k!r}; choose from {sorted(KERNEL_TYPES)}")
         if len(self.kernel_prob) != len(self.kernel_list):
-            raise ValueError(
+            raise ConfigError(
                 f"kernel_prob has {len(self.kernel_prob)} entries but kernel_list has {len(self.kernel_list)}"
             )
         if any(p < 0 for p in self.kernel_prob) or sum(self.kernel_prob) <= 0:
-            raise ValueError(f"kernel_prob must be non-negative with a positive sum, got {self.kernel_prob}")
+            raise ConfigError(f"kernel_prob must be non-negative with a positive sum, got {self.kernel_prob}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"unknown interpolation {self.interpolation!r}; choose from {sorted(INTERPOLATIONS)}")
+            raise ConfigError(f"unknown interpolation {self.interpolation!r}; choose from {sorted(INTERPOLATIONS)}")
         ranges = {
             "blur_sigma": (self.blur_sigma, 1e-6),
             "rotation_range": (self.rotation_range, -math.inf),
@@ -229,20 +230,20 @@ class DegradationConfig:
             if rng is None and name in ("noise_range", "jpeg_range"):
                 continue
             if rng is None or len(rng) != 2:
-                raise ValueError(f"{name} must be a (low, high) pair, got {rng!r}")
+                raise ConfigError(f"{name} must be a (low, high) pair, got {rng!r}")
             lo, hi = rng
             if not (lo <= hi):
-                raise ValueError(f"{name}: low {lo} is above high {hi}")
+                raise ConfigError(f"{name}: low {lo} is above high {hi}")
             if lo < lowest:
-                raise ValueError(f"{name}: low {lo} is below the smallest allowed value {lowest}")
+                raise ConfigError(f"{name}: low {lo} is below the smallest allowed value {lowest}")
         if self.jpeg_range is not None and self.jpeg_range[1] > 100:
-            raise ValueError(f"jpeg_range: quality must be within [1, 100], got {self.jpeg_range}")
+            raise ConfigError(f"jpeg_range: quality must be within [1, 100], got {self.jpeg_range}")
         for name in ("blur_prob", "poisson_prob", "gray_noise_prob", "color_jitter_prob", "gray_prob"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+                raise ConfigError(f"{name} must be a probability in [0, 1], got {p}")
         if self.color_jitter_shift < 0:
-            raise ValueError(f"color_jitter_shift must be >= 0, got {self.color_jitter_shift}")
+            raise ConfigError(f"color_jitter_shift must be >= 0, got {self.color_jitter_shift}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-ready dict (tuples become lists)."""
@@ -256,14 +257,15 @@ class DegradationConfig:
     def from_dict(cls, data: Mapping[str, Any], base: DegradationConfig | None = None) -> DegradationConfig:
         """Build a config from a mapping (e.g. parsed YAML), optionally overriding ``base``.
 
-        Unknown keys and wrongly typed values raise ``ValueError`` naming the key.
+        Unknown keys and wrongly typed values raise :class:`~osdface.config.ConfigError` (a ``ValueError``)
+        naming the key.
         """
         if not isinstance(data, Mapping):
-            raise ValueError(f"a degradation config must be a mapping, got {type(data).__name__}")
+            raise ConfigError(f"a degradation config must be a mapping, got {type(data).__name__}")
         names = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(names))
         if unknown:
-            raise ValueError(f"unknown degradation config key(s) {unknown}; choose from {sorted(names)}")
+            raise ConfigError(f"unknown degradation config key(s) {unknown}; choose from {sorted(names)}")
         values = dict(base.to_dict()) if base is not None else {}
         for key, value in data.items():
             values[key] = _check_type(key, value, cls.__dataclass_fields__[key].default)
@@ -275,27 +277,27 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     if value is None:
         if key in ("noise_range", "jpeg_range"):
             return None
-        raise ValueError(f"degradation config {key!r} may not be null")
+        raise ConfigError(f"degradation config {key!r} may not be null")
     if isinstance(default, bool) or isinstance(value, bool):
-        raise ValueError(f"degradation config {key!r}: unexpected boolean {value!r}")
+        raise ConfigError(f"degradation config {key!r}: unexpected boolean {value!r}")
     if isinstance(default, tuple) or key in ("noise_range", "jpeg_range"):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"degradation config {key!r} must be a list, got {value!r}")
+            raise ConfigError(f"degradation config {key!r} must be a list, got {value!r}")
         want_str = bool(default) and isinstance(default[0], str)
         for v in value:
             if want_str and not isinstance(v, str):
-                raise ValueError(f"degradation config {key!r} must be a list of names, got {value!r}")
+                raise ConfigError(f"degradation config {key!r} must be a list of names, got {value!r}")
             if not want_str and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise ValueError(f"degradation config {key!r} must be a list of numbers, got {value!r}")
+                raise ConfigError(f"degradation config {key!r} must be a list of numbers, got {value!r}")
         return tuple(value)
     if isinstance(default, str):
         if not isinstance(value, str):
-            raise ValueError(f"degradation config {key!r} must be a string, got {value!r}")
+            raise ConfigError(f"degradation config {key!r} must be a string, got {value!r}")
         return value
     if isinstance(default, int) and not isinstance(value, int):
-        raise ValueError(f"degradation config {key!r} must be an integer, got {value!r}")
+        raise ConfigError(f"degradation config {key!r} must be an integer, got {value!r}")
     if isinstance(default, float) and not isinstance(value, (int, float)):
-        raise ValueError(f"degradation config {key!r} must be a number, got {value!r}")
+        raise ConfigError(f"degradation config {key!r} must be a number, got {value!r}")
     return value
 
 
@@ -321,7 +323,8 @@ def load_degradation_config(path: str | os.PathLike) -> DegradationConfig:
     starts from that preset and the other keys override it.
 
     Raises:
-        ValueError: unreadable file, unknown preset or key, bad value (the message names the file).
+        ConfigError: unreadable file, unknown preset or key, bad value (the message names the file);
+            a ``ValueError`` too.
     """
     import yaml
 
@@ -329,20 +332,20 @@ def load_degradation_config(path: str | os.PathLike) -> DegradationConfig:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise ValueError(f"{path}: cannot read degradation config ({e})") from None
+        raise ConfigError(f"{path}: cannot read degradation config ({e})") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML in the degradation config ({yaml_error_reason(e)})") from None
+        raise ConfigError(f"{path}: invalid YAML in the degradation config ({yaml_error_reason(e)})") from None
     data = dict(data or {})
     base = None
     if "preset" in data:
         name = data.pop("preset")
         if name not in PRESETS:
-            raise ValueError(f"{path}: unknown degradation preset {name!r}; choose from {sorted(PRESETS)}")
+            raise ConfigError(f"{path}: unknown degradation preset {name!r}; choose from {sorted(PRESETS)}")
         base = PRESETS[name]
     try:
         return DegradationConfig.from_dict(data, base=base)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 DegradationSpec = Union[str, os.PathLike, DegradationConfig, Mapping]
@@ -358,7 +361,7 @@ def resolve_degradation(spec: DegradationSpec) -> DegradationConfig:
         return PRESETS[spec]
     if isinstance(spec, (str, os.PathLike)) and str(spec).endswith((".yaml", ".yml")):
         return load_degradation_config(spec)
-    raise ValueError(f"unknown degradation preset {spec!r}; choose from {sorted(PRESETS)} or give a .yaml file")
+    raise ConfigError(f"unknown degradation preset {spec!r}; choose from {sorted(PRESETS)} or give a .yaml file")
 
 
 # ----------------------------------------------------------------------------------------------

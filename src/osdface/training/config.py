@@ -32,22 +32,11 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from ..config import ConfigError  # re-exported: defined below the data and training layers
 from ..errors import OSDFaceError
 from ..utils.io import yaml_error_reason
 
 T = TypeVar("T")
-
-
-class ConfigError(OSDFaceError, ValueError):
-    """An invalid configuration (unknown key, wrong type, bad override); the message names the key.
-
-    Attributes:
-        key: the dotted config key at fault, where known (``None`` otherwise).
-    """
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
 
 
 # ------------------------------------------------------------------------------------- bounds
