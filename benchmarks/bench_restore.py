@@ -33,7 +33,8 @@ from _common import (  # noqa: E402
 
 
 def stage_times(pipe, x_uint8: torch.Tensor) -> dict:
-    """One batch through the pipeline's stages, timed separately (same math as ``pipe.__call__``)."""
+    """One batch through the pipeline's stages, timed separately (same math and execution plan as
+    ``pipe.__call__``: the stage helpers ``restore_tensor`` uses, with the plan's heap trimming)."""
     from osdface.image import to_uint8
 
     dev = pipe.device
@@ -41,24 +42,21 @@ def stage_times(pipe, x_uint8: torch.Tensor) -> dict:
     with torch.inference_mode():
         with timed(t, "preprocess", dev):
             lq = pipe.preprocess(x_uint8.to(dev, non_blocking=True).float().div(255))
-        if pipe.overlap_encoders and dev.type == "cuda":
+        if pipe.plan.resolve(dev).encoder_overlap:
             with timed(t, "vre_and_vae_encode_overlapped", dev):
-                prompt, _, z = pipe._encode(lq, "mode", None)
-                pipe._between_stages(z)
+                z, prompt, _ = pipe._encode(lq, "mode", None)
         else:
             with timed(t, "vre_and_adapter", dev):
                 prompt = pipe.encode_prompt(lq)
             with timed(t, "vae_encode", dev):
                 z = pipe.encode_latent(lq)
-                pipe._between_stages(z)  # as restore_tensor does (heap trimming on CPU)
+                pipe.plan.between_stages(z)  # as pipe._encode does (heap trimming on CPU)
         with timed(t, "unet", dev):
             eps = pipe.unet(z, pipe.timestep, encoder_hidden_states=prompt.to(z.dtype)).sample
-            pipe._between_stages(eps)
         with timed(t, "x0", dev):
             x0 = pipe.predict_x0(z, eps)
         with timed(t, "vae_decode", dev):
-            out = pipe.decode(x0)
-            pipe._between_stages(out)
+            out = pipe._decode(x0, check_finite=False)  # heap trimmed before (the UNet's memory) and after
         with timed(t, "postprocess", dev):
             to_uint8(out.float())
     t["total"] = sum(t.values())
@@ -71,16 +69,16 @@ def compare_lean(pipe) -> dict:
     lat = pipe.resolution // 8
     x0 = (torch.randn(1, 4, lat, lat, generator=g) / pipe.vae.config.scaling_factor).to(pipe.device)
     out, peaks = {}, {}
-    keep = pipe.lean_decode
+    keep = pipe.plan
     with torch.inference_mode():
         for lean in (False, True, False, True):  # twice each: the first decode also pages weights in
-            pipe.set_lean_decode(lean, pipe.lean_band_mb)
+            pipe.set_lean_decode(lean, keep.lean_band_mb)
             collect()
             with RSSSampler() as r:
                 out[lean] = pipe.decode(x0).float().cpu()
                 sync(pipe.device)
             peaks[lean] = round(r.peak - r.start, 3)
-    pipe.set_lean_decode(keep, pipe.lean_band_mb)
+    pipe.set_lean_decode(keep.lean_decode, keep.lean_band_mb)
     diff = (out[True] - out[False]).abs().max().item()
     return {"max_abs_diff": diff, "identical": diff == 0.0,
             "decode_rss_increase_gb": {"plain": peaks[False], "lean": peaks[True]}}
@@ -196,6 +194,7 @@ def main() -> None:
         "options": {"channels_last": args.channels_last, "compile": args.compile, "lean_decode": args.lean_decode,
                     "overlap_encoders": args.overlap_encoders,
                     "heap_trim_between_stages": not args.no_heap_trim and pipe.device.type == "cpu"},
+        "execution_plan": pipe.plan.resolve(pipe.device, grad_enabled=False).as_dict(),
         "runs": [],
     }
     for bs in args.batch_sizes:

@@ -53,6 +53,7 @@ def test_encoder_overlap_on_cuda_keeps_outputs(official_layout, tiny_vre_config,
     pipe = OSDFacePipeline.from_official(*official_layout, vre_config=tiny_vre_config, device="cuda")
     ref = pipe(faces)
     pipe.enable_encoder_overlap()
+    assert pipe.plan.resolve(pipe.device, grad_enabled=False).encoder_overlap
     for _ in range(3):  # repeated: blocks recycled across streams must not be overwritten early
         out = pipe(faces)
         assert torch.equal(out.images, ref.images)

@@ -5,7 +5,12 @@ pick a different convolution kernel for a band than for the whole image (it does
 tiny VAE at 64 px), so whole-decoder comparisons allow float-order differences (1e-5; a wrong halo
 or band edge gives errors of order 1). On the real SD VAE at 512 px the outputs are identical
 (``benchmarks/bench_restore.py --compare-lean`` reports the max difference).
+
+Where the lean path cannot run it decodes with ``vae.decode`` itself, never a mix: documented fallbacks
+(autograd, the VAE's own tiling/slicing) quietly, any unrecognised decoder structure with one warning.
 """
+
+import logging
 
 import pytest
 import torch
@@ -13,13 +18,15 @@ import torch.nn.functional as F
 
 from osdface.models.lean_decode import (
     _group_norm_,
-    _lean_resnet,
-    _lean_upsample,
+    _resnet_problem,
+    _upsample_problem,
     banded_conv,
+    decoder_structure_problem,
     lean_decode_supported,
+    lean_decoder_forward,
     lean_vae_decode,
 )
-from osdface.testing import synthetic_faces, tiny_pipeline, tiny_vae
+from osdface.testing import TINY_RESOLUTION, synthetic_faces, tiny_pipeline, tiny_vae
 
 TINY_BAND = 1e-3  # MiB: forces the minimum band height (8 rows), so every high-res layer is banded
 
@@ -68,16 +75,80 @@ def test_in_place_group_norm_is_bit_identical():
 
 
 def test_every_tiny_decoder_block_takes_the_lean_path():
-    # guards against silently falling back (e.g. a diffusers attribute the structure check rejects)
+    # guards against falling back (e.g. a diffusers attribute the structure check rejects)
     vae = tiny_vae(0).eval()
+    for block in vae.decoder.up_blocks:
+        for r in block.resnets:
+            assert _resnet_problem(r) is None
+        for u in block.upsamplers or ():
+            assert _upsample_problem(u) is None
+    assert decoder_structure_problem(vae) is None
     with torch.inference_mode():
-        for block in vae.decoder.up_blocks:
-            for r in block.resnets:
-                c = r.conv1.in_channels
-                assert _lean_resnet(r, [torch.randn(1, c, 8, 8)], TINY_BAND) is not None
-            for u in block.upsamplers or ():
-                assert _lean_upsample(u, torch.randn(1, u.channels, 8, 8), TINY_BAND) is not None
         assert lean_decode_supported(vae) is None
+
+
+def test_sd21_vae_structure_is_supported():
+    """The released SD 2.1-base VAE architecture (built on the meta device: no memory) passes the check."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                            block_out_channels=(128, 256, 512, 512), norm_num_groups=32,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    assert decoder_structure_problem(vae.eval()) is None
+
+
+def _attention_vae():
+    """A VAE whose up blocks also hold attention (``AttnUpDecoderBlock2D``): a structure the lean path does
+    not reproduce (walking ``resnets`` + ``upsamplers`` alone would skip the attention)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(3)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=TINY_RESOLUTION, layers_per_block=1,
+        block_out_channels=(8, 8, 16, 16), norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("AttnUpDecoderBlock2D",) * 4,
+    ).eval()
+
+
+def _lean_warnings(caplog):
+    return [r for r in caplog.records if r.name == "osdface.models.lean_decode" and r.levelno >= logging.WARNING]
+
+
+def test_unsupported_structure_warns_once_and_equals_vae_decode(caplog):
+    vae = _attention_vae()
+    assert "AttnUpDecoderBlock2D" in decoder_structure_problem(vae)
+    z = torch.randn(2, 4, 8, 8) * 3
+    with caplog.at_level(logging.DEBUG, logger="osdface"), torch.inference_mode():
+        ref = vae.decode(z).sample
+        outs = [lean_vae_decode(vae, z, band_mb=TINY_BAND) for _ in range(3)]
+        with pytest.raises(ValueError, match="AttnUpDecoderBlock2D"):  # the lean forward itself never falls back
+            lean_decoder_forward(vae.decoder, z)
+    assert all(torch.equal(o, ref) for o in outs)
+    warned = _lean_warnings(caplog)
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    assert "decoder.up_blocks.0 is AttnUpDecoderBlock2D" in warned[0].getMessage()
+    assert "vae.decode" in warned[0].getMessage()
+
+
+@pytest.mark.parametrize("change,reason", [
+    (lambda d: setattr(d.up_blocks[1].resnets[0], "output_scale_factor", 2.0), "up_blocks.1.resnets.0: output_scale_factor"),
+    (lambda d: setattr(d.up_blocks[0].upsamplers[0], "interpolate", False), "up_blocks.0.upsamplers.0"),
+    (lambda d: setattr(d, "conv_norm_out", torch.nn.LayerNorm(8)), "conv_norm_out is LayerNorm"),
+    (lambda d: setattr(d.up_blocks[2].resnets[0], "dropout", torch.nn.Identity()), "dropout is Identity"),
+])
+def test_structure_check_names_the_module(change, reason):
+    vae = tiny_vae(4).eval()
+    change(vae.decoder)
+    assert reason in decoder_structure_problem(vae)
+
+
+def test_supported_structure_does_not_warn(caplog):
+    vae = tiny_vae(5).eval()
+    z = torch.randn(1, 4, 8, 8)
+    with caplog.at_level(logging.DEBUG, logger="osdface"), torch.inference_mode():
+        lean_vae_decode(vae, z, band_mb=TINY_BAND)
+    assert not _lean_warnings(caplog)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -92,16 +163,27 @@ def test_lean_vae_decode_equals_vae_decode(batch):
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-5, msg=f"band_mb={band}")
 
 
-def test_lean_decode_falls_back_where_it_must():
+def test_lean_decode_falls_back_where_it_must(caplog):
+    """Documented fallbacks: plain ``vae.decode`` (same output), logged at debug level only."""
     vae = tiny_vae(2).eval()
-    z = torch.randn(1, 4, 8, 8, requires_grad=True)
+    z = torch.randn(2, 4, 8, 8, requires_grad=True)
     assert "gradients" in lean_decode_supported(vae)
-    out = lean_vae_decode(vae, z, band_mb=TINY_BAND)  # training path: plain decode, autograd intact
-    out.mean().backward()
-    assert z.grad is not None and torch.isfinite(z.grad).all()
-    vae.enable_slicing()
-    with torch.inference_mode():
-        assert "slicing" in lean_decode_supported(vae)
+    with caplog.at_level(logging.DEBUG, logger="osdface"):
+        out = lean_vae_decode(vae, z, band_mb=TINY_BAND)  # training path: plain decode, autograd intact
+        out.mean().backward()
+        assert z.grad is not None and torch.isfinite(z.grad).all()
+        with torch.inference_mode():
+            for enable, word in ((vae.enable_slicing, "slicing"), (vae.enable_tiling, "tiling")):
+                vae.disable_slicing()
+                vae.disable_tiling()
+                enable()
+                assert word in lean_decode_supported(vae)
+                assert torch.equal(lean_vae_decode(vae, z, band_mb=TINY_BAND), vae.decode(z).sample)
+            vae.disable_tiling()
+            vae.train()
+            assert "training mode" in lean_decode_supported(vae)
+    assert not _lean_warnings(caplog)
+    assert any("lean VAE decode not used: gradients" in r.getMessage() for r in caplog.records)
 
 
 def test_pipeline_outputs_identical_with_and_without_lean_decode():

@@ -20,12 +20,26 @@ convolves it (the convolution makes its own full-size working copies), and every
   groups at a time (each group's statistics come from the same elements and kernel).
 
 On the real SD 2.1 VAE at 512² in fp32 this lowers the decoder's extra resident memory from about
-1.2 GB to about 0.7 GB (``benchmarks/bench_restore.py`` reports the process peak). Structures this
-code does not recognise (a different diffusers version, other block types) fall back to the
-modules' own ``forward``, one block at a time, so the result stays correct.
+1.2 GB to about 0.7 GB (``benchmarks/bench_restore.py`` reports the process peak).
+
+When it is used. :func:`lean_vae_decode` runs the lean path only on a decoder whose structure
+:func:`decoder_structure_problem` recognises, block by block, as the one whose ``forward`` this
+module mirrors (diffusers ``AutoencoderKL`` → ``Decoder`` → ``UpDecoderBlock2D`` of VAE-flavour
+``ResnetBlock2D`` + nearest-×2 ``Upsample2D``; checked against diffusers 0.30–0.4x). Otherwise it
+decodes with ``vae.decode`` and never mixes the two:
+
+* documented fallbacks, logged at debug level (:func:`runtime_fallback_reason`): gradients enabled
+  (in-place operations would break autograd; training decodes this way), the VAE's own tiling or
+  slicing enabled, an accelerate offloading hook, a ``torch.compile``-d decoder, a VAE in training
+  mode (active dropout);
+* any other structure (another diffusers version's internals, other block types, a VAE subclass):
+  one logged **warning** per VAE naming the reason, then ``vae.decode`` — results are never changed
+  silently, only the memory saving is lost.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -120,22 +134,130 @@ def _group_norm_(norm: nn.GroupNorm, x: torch.Tensor, band_mb: float) -> torch.T
     return x
 
 
-def _lean_resnet(block: nn.Module, holder: list[torch.Tensor], band_mb: float) -> torch.Tensor | None:
-    """diffusers ``ResnetBlock2D.forward(x, None)`` (VAE flavour), or ``None`` when not that flavour.
+def _is_diffusers(module: object, class_name: str) -> bool:
+    """``module`` is an instance of exactly diffusers' ``class_name`` (by name and package: the
+    class moved between diffusers modules across versions; a subclass may override ``forward``)."""
+    t = type(module)
+    return t.__name__ == class_name and t.__module__.split(".")[0] == "diffusers"
+
+
+_MISSING = object()
+
+
+def _resnet_problem(block: nn.Module) -> str | None:
+    """``None`` when ``block`` is a VAE-flavour diffusers ``ResnetBlock2D`` that :func:`_lean_resnet`
+    reproduces with ``temb=None`` (no resampling, no time embedding, unit output scale, SiLU, GroupNorm,
+    plain dropout), else what differs."""
+    if not _is_diffusers(block, "ResnetBlock2D"):
+        return f"block type {type(block).__name__}, not diffusers' ResnetBlock2D"
+    for name in ("upsample", "downsample", "time_emb_proj"):
+        value = getattr(block, name, _MISSING)
+        if value is not None:
+            return f"{name} is {'missing' if value is _MISSING else type(value).__name__}, expected None"
+    if getattr(block, "time_embedding_norm", None) not in ("default", "group"):  # same ops when temb is None
+        return f"time_embedding_norm {getattr(block, 'time_embedding_norm', None)!r}"
+    if float(getattr(block, "output_scale_factor", 0.0)) != 1.0:
+        return f"output_scale_factor {getattr(block, 'output_scale_factor', None)!r}, expected 1.0"
+    if not isinstance(getattr(block, "nonlinearity", None), nn.SiLU):
+        return f"nonlinearity {type(getattr(block, 'nonlinearity', None)).__name__}, expected SiLU"
+    for name in ("norm1", "norm2"):
+        if type(getattr(block, name, None)) is not nn.GroupNorm:
+            return f"{name} is {type(getattr(block, name, None)).__name__}, expected GroupNorm"
+    if type(getattr(block, "dropout", None)) is not nn.Dropout:
+        return f"dropout is {type(getattr(block, 'dropout', None)).__name__}, expected Dropout"
+    for name in ("conv1", "conv2"):
+        if not isinstance(getattr(block, name, None), nn.Module):
+            return f"no {name}"
+    if not hasattr(block, "conv_shortcut"):
+        return "no conv_shortcut attribute"
+    return None
+
+
+def _upsample_problem(up: nn.Module) -> str | None:
+    """``None`` when ``up`` is a diffusers ``Upsample2D`` doing nearest ×2 then ``conv`` (no norm, no
+    transposed conv), else what differs."""
+    if not _is_diffusers(up, "Upsample2D"):
+        return f"upsampler type {type(up).__name__}, not diffusers' Upsample2D"
+    if getattr(up, "norm", _MISSING) is not None:
+        return "upsampler has a norm"
+    if getattr(up, "use_conv_transpose", True) or not getattr(up, "interpolate", False) \
+            or not getattr(up, "use_conv", False) or getattr(up, "name", "") != "conv":
+        return "upsampler is not nearest x2 + conv"
+    if not isinstance(getattr(up, "conv", None), nn.Module):
+        return "upsampler has no conv"
+    return None
+
+
+def decoder_structure_problem(vae: nn.Module) -> str | None:
+    """The explicit structural check: ``None`` when every module :func:`lean_decoder_forward` replaces
+    is one whose diffusers ``forward`` it reproduces, else the first difference, naming the module.
+
+    Checked: ``vae`` is diffusers' ``AutoencoderKL`` (its ``decode`` = optional ``post_quant_conv``
+    then ``decoder``); the decoder is diffusers' ``Decoder`` with ``conv_in``, ``mid_block`` (run as is),
+    ``up_blocks``, a GroupNorm ``conv_norm_out``, ``conv_act`` and ``conv_out``; every up block is an
+    ``UpDecoderBlock2D`` (resnets, then upsamplers; no attention), every resnet passes
+    :func:`_resnet_problem` and every upsampler :func:`_upsample_problem`.
+    """
+    if not _is_diffusers(vae, "AutoencoderKL"):
+        return f"VAE type {type(vae).__name__}, not diffusers' AutoencoderKL"
+    return _decoder_problem(getattr(vae, "decoder", None))
+
+
+def _decoder_problem(dec: nn.Module | None) -> str | None:
+    """The decoder part of :func:`decoder_structure_problem`."""
+    if not _is_diffusers(dec, "Decoder"):
+        return f"decoder type {type(dec).__name__}, not diffusers' Decoder"
+    for name in ("conv_in", "mid_block", "up_blocks", "conv_norm_out", "conv_act", "conv_out"):
+        if not isinstance(getattr(dec, name, None), nn.Module):
+            return f"decoder.{name} is missing"
+    if type(dec.conv_norm_out) is not nn.GroupNorm:
+        return f"decoder.conv_norm_out is {type(dec.conv_norm_out).__name__}, expected GroupNorm"
+    if not any(True for _ in dec.up_blocks.parameters()):
+        return "decoder.up_blocks hold no parameters"
+    for i, block in enumerate(dec.up_blocks):
+        where = f"decoder.up_blocks.{i}"
+        if not _is_diffusers(block, "UpDecoderBlock2D"):
+            return f"{where} is {type(block).__name__}, not diffusers' UpDecoderBlock2D"
+        for j, resnet in enumerate(block.resnets):
+            problem = _resnet_problem(resnet)
+            if problem is not None:
+                return f"{where}.resnets.{j}: {problem}"
+        for j, up in enumerate(block.upsamplers or ()):
+            problem = _upsample_problem(up)
+            if problem is not None:
+                return f"{where}.upsamplers.{j}: {problem}"
+    return None
+
+
+def runtime_fallback_reason(vae: nn.Module) -> str | None:
+    """The documented, expected reasons to decode with ``vae.decode`` (logged at debug level), or ``None``."""
+    if torch.is_grad_enabled():
+        return "gradients are enabled (in-place ops would break autograd)"
+    if getattr(vae, "use_tiling", False) or getattr(vae, "use_slicing", False):
+        return "the VAE's own tiling/slicing is enabled"
+    if hasattr(vae, "_hf_hook"):
+        return "an accelerate hook (offloading) is attached to the VAE"
+    dec = getattr(vae, "decoder", None)
+    if dec is not None and hasattr(dec, "_orig_mod"):
+        return "the decoder is compiled (torch.compile)"
+    if isinstance(vae, nn.Module) and any(m.training for m in vae.modules()):
+        return "the VAE is in training mode (dropout active)"
+    return None
+
+
+def lean_decode_supported(vae: nn.Module) -> str | None:
+    """``None`` when :func:`lean_vae_decode` takes the lean path for this VAE now, else the reason it
+    does not (a documented :func:`runtime_fallback_reason` first, then :func:`decoder_structure_problem`)."""
+    return runtime_fallback_reason(vae) or decoder_structure_problem(vae)
+
+
+def _lean_resnet(block: nn.Module, holder: list[torch.Tensor], band_mb: float) -> torch.Tensor:
+    """diffusers ``ResnetBlock2D.forward(x, None)`` for a block that passes :func:`_resnet_problem`.
 
     ``holder`` is a one-element list with ``x``; when the block has a 1×1 shortcut, ``x`` is consumed
     (the shortcut is taken first, then ``x``'s storage is normalised in place), so the caller must not
     keep another reference to it if it wants the memory back.
     """
-    if (
-        getattr(block, "upsample", 1) is not None or getattr(block, "downsample", 1) is not None
-        or getattr(block, "time_emb_proj", 1) is not None or block.training
-        or getattr(block, "time_embedding_norm", "") not in ("default", "group")  # same ops when temb is None
-        or float(getattr(block, "output_scale_factor", 0.0)) != 1.0
-        or not isinstance(getattr(block, "nonlinearity", None), nn.SiLU)
-        or type(block.norm1) is not nn.GroupNorm
-    ):
-        return None
     x = holder.pop()
     if block.conv_shortcut is not None:
         shortcut = banded_conv(block.conv_shortcut, x, band_mb)
@@ -147,22 +269,16 @@ def _lean_resnet(block: nn.Module, holder: list[torch.Tensor], band_mb: float) -
     h = banded_conv(block.conv1, h, band_mb)
     h = _silu_(block.norm2(h))  # dropout: identity in eval
     h = banded_conv(block.conv2, h, band_mb)
-    return h.add_(shortcut)
+    return h.add_(shortcut)  # (x + h) / 1.0 in diffusers; IEEE addition commutes
 
 
-def _lean_upsample(up: nn.Module, x: torch.Tensor, band_mb: float) -> torch.Tensor | None:
-    """diffusers ``Upsample2D.forward(x)`` (nearest ×2 + conv), or ``None`` when not that flavour."""
-    if (
-        getattr(up, "norm", 1) is not None or getattr(up, "use_conv_transpose", True)
-        or not getattr(up, "interpolate", False) or not getattr(up, "use_conv", False)
-        or getattr(up, "name", "") != "conv"
-    ):
-        return None
+def _lean_upsample(up: nn.Module, x: torch.Tensor, band_mb: float) -> torch.Tensor:
+    """diffusers ``Upsample2D.forward(x)`` for an upsampler that passes :func:`_upsample_problem`."""
     return banded_conv(up.conv, x, band_mb, upsample=True)
 
 
-def lean_decoder_forward(decoder: nn.Module, z: torch.Tensor, band_mb: float = DEFAULT_BAND_MB) -> torch.Tensor:
-    """``decoder(z)`` for a diffusers VAE ``Decoder``, with the memory-lean block implementations."""
+def _lean_forward(decoder: nn.Module, z: torch.Tensor, band_mb: float) -> torch.Tensor:
+    """``decoder(z)`` for a decoder already checked by :func:`decoder_structure_problem`."""
     sample = decoder.conv_in(z)
     sample = decoder.mid_block(sample, None)
     sample = sample.to(next(iter(decoder.up_blocks.parameters())).dtype)  # older diffusers upcast here
@@ -170,38 +286,42 @@ def lean_decoder_forward(decoder: nn.Module, z: torch.Tensor, band_mb: float = D
         for resnet in up_block.resnets:
             holder = [sample]
             del sample  # let _lean_resnet free or reuse the block input
-            out = _lean_resnet(resnet, holder, band_mb)
-            sample = resnet(holder.pop(), None) if out is None else out
+            sample = _lean_resnet(resnet, holder, band_mb)
         for upsampler in up_block.upsamplers or ():
-            out = _lean_upsample(upsampler, sample, band_mb)
-            sample = upsampler(sample) if out is None else out
-    if type(decoder.conv_norm_out) is nn.GroupNorm:
-        sample = _group_norm_(decoder.conv_norm_out, sample, band_mb)  # this code owns ``sample``
-    else:
-        sample = decoder.conv_norm_out(sample)
+            sample = _lean_upsample(upsampler, sample, band_mb)
+    sample = _group_norm_(decoder.conv_norm_out, sample, band_mb)  # this code owns ``sample``
     sample = _silu_(sample) if isinstance(decoder.conv_act, nn.SiLU) else decoder.conv_act(sample)
     return banded_conv(decoder.conv_out, sample, band_mb)
 
 
-def lean_decode_supported(vae: nn.Module) -> str | None:
-    """``None`` when :func:`lean_vae_decode` can run this VAE, else the reason it cannot."""
-    dec = getattr(vae, "decoder", None)
-    needed = ("conv_in", "mid_block", "up_blocks", "conv_norm_out", "conv_act", "conv_out")
-    if dec is None or not all(hasattr(dec, n) for n in needed):
-        return "not a diffusers AutoencoderKL decoder"
-    if not isinstance(dec, nn.Module) or type(dec).__name__ != "Decoder":
-        return f"decoder type {type(dec).__name__} (compiled or replaced)"
-    if hasattr(vae, "_hf_hook"):
-        return "an accelerate hook (offloading) is attached to the VAE"
-    if getattr(vae, "use_tiling", False) or getattr(vae, "use_slicing", False):
-        return "the VAE's own tiling/slicing is enabled"
-    if torch.is_grad_enabled():
-        return "gradients are enabled (in-place ops would break autograd)"
-    return None
+def lean_decoder_forward(decoder: nn.Module, z: torch.Tensor, band_mb: float = DEFAULT_BAND_MB) -> torch.Tensor:
+    """``decoder(z)`` for a diffusers VAE ``Decoder``, with the memory-lean block implementations
+    (no fallback of any kind: an unsupported structure is an error here).
+
+    Args:
+        decoder: a diffusers ``Decoder`` that passes the structural check of :func:`decoder_structure_problem`.
+        z: ``(B, C_latent, h, w)`` after ``post_quant_conv``.
+        band_mb: working-set budget of one convolution band, MiB.
+
+    Raises:
+        ValueError: the decoder's structure is not one this module reproduces (the reason).
+    """
+    problem = _decoder_problem(decoder)
+    if problem is not None:
+        raise ValueError(f"lean VAE decode does not support this decoder: {problem}")
+    return _lean_forward(decoder, z, band_mb)
+
+
+#: VAEs whose unsupported structure has been reported (each is warned about once)
+_warned: weakref.WeakSet = weakref.WeakSet()
 
 
 def lean_vae_decode(vae: nn.Module, z: torch.Tensor, band_mb: float = DEFAULT_BAND_MB) -> torch.Tensor:
     """``vae.decode(z).sample`` with lower peak memory (same operations; see the module notes on exactness).
+
+    Falls back to ``vae.decode(z).sample`` itself — never to a partial lean path — for the documented
+    :func:`runtime_fallback_reason` s (debug log) and for a structure :func:`decoder_structure_problem`
+    does not recognise (one warning per VAE naming the reason).
 
     Args:
         vae: diffusers ``AutoencoderKL`` (eval mode).
@@ -211,10 +331,17 @@ def lean_vae_decode(vae: nn.Module, z: torch.Tensor, band_mb: float = DEFAULT_BA
     Returns:
         ``(B, 3, 8h, 8w)`` in the VAE's output range ([-1, 1] nominal), same dtype as ``z``.
     """
-    reason = lean_decode_supported(vae)
+    reason = runtime_fallback_reason(vae)
     if reason is not None:
         logger.debug("lean VAE decode not used: %s", reason)
         return vae.decode(z).sample
+    problem = decoder_structure_problem(vae)
+    if problem is not None:
+        if vae not in _warned:
+            _warned.add(vae)
+            logger.warning("memory-lean VAE decode does not support this VAE (%s); decoding with vae.decode "
+                           "instead: same results, higher peak memory", problem)
+        return vae.decode(z).sample
     if getattr(vae, "post_quant_conv", None) is not None:
         z = vae.post_quant_conv(z)
-    return lean_decoder_forward(vae.decoder, z, band_mb)
+    return _lean_forward(vae.decoder, z, band_mb)

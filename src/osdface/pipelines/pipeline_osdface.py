@@ -11,6 +11,11 @@ Reading order of :meth:`OSDFacePipeline.__call__`:
 5. one UNet step at ``t = 399``: ε̂ = UNet(z_L, 399, prompt)
 6. x0 recovery in float64: ẑ = (z_L − √(1−ᾱ)·ε̂) / √ᾱ
 7. decode ẑ / scaling_factor, clamp to [-1, 1], map to [0, 1]
+
+Steps 1–2 are :meth:`~OSDFacePipeline.preprocess`, steps 3–7 :meth:`~OSDFacePipeline.restore_tensor`.
+Speed and memory settings never enter the math: they live in one
+:class:`~osdface.pipelines.execution.ExecutionPlan` (``pipe.plan``), consulted only by the encode and
+decode helpers.
 """
 
 from __future__ import annotations
@@ -35,12 +40,11 @@ from ..model_limits import (
     check_vae_config,
     read_config,
 )
-from ..models.lean_decode import DEFAULT_BAND_MB, lean_vae_decode
+from ..models.lean_decode import DEFAULT_BAND_MB
 from ..models.lora import merge_lora_into
 from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder
 from ..utils.io import normalize_permissions, write_text_atomic
 from ..utils.logging import get_logger
-from ..utils.memory import trim_heap
 from ..weights import (
     WeightsNotFoundError,
     check_base_model_dir,
@@ -49,6 +53,7 @@ from ..weights import (
     load_official_adapter_state_dict,
     load_official_vre,
 )
+from .execution import ExecutionPlan
 from .output import OSDFacePipelineOutput
 
 logger = get_logger(__name__)
@@ -97,6 +102,17 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
+def _convert_output(out: torch.Tensor, output_type: OutputType, rounding: Literal["round", "truncate"]) -> Any:
+    """``(B, 3, H, W)`` float in [0, 1] → the requested output type (``"pt"``: ``out`` itself)."""
+    if output_type == "np":
+        return to_uint8(out, rounding)
+    if output_type == "pil":
+        return to_pil(out, rounding)
+    if output_type == "pt":
+        return out
+    raise ValueError(f"output_type must be 'pt', 'np' or 'pil', got {output_type!r}")
+
+
 class OSDFacePipeline:
     """OSDFace one-step restoration of aligned face crops.
 
@@ -113,6 +129,10 @@ class OSDFacePipeline:
         source: where the weights were loaded from (a model folder, or the SD 2.1-base folder + the
             official weights folder); named by :class:`~osdface.errors.NonFiniteOutputError`.
             ``None`` for a pipeline built from modules in memory.
+        plan: the :class:`~osdface.pipelines.execution.ExecutionPlan` (speed and memory settings;
+            never the math), set through :meth:`set_lean_decode`, :meth:`set_heap_trimming`,
+            :meth:`enable_encoder_overlap`, :meth:`enable_channels_last`, :meth:`set_vae_batch_size`
+            and :meth:`compile`.
     """
 
     def __init__(self, vae, unet, vre: VisualPromptEncoder, prompt_adapter: PromptAdapter, scheduler,
@@ -120,13 +140,7 @@ class OSDFacePipeline:
         self.vae, self.unet, self.vre, self.prompt_adapter, self.scheduler = vae, unet, vre, prompt_adapter, scheduler
         self.timestep = int(timestep)
         self.resolution = int(resolution if resolution is not None else vre.config.resolution)
-        self.vae_batch_size: int | None = None
-        self.lean_decode: bool | None = None  # None = auto: on for CPU tensors
-        self.overlap_encoders = False
-        self.heap_trimming: bool | None = None  # None = auto: on for CPU inference
-        self._side_streams: dict = {}
-        self.lean_band_mb = DEFAULT_BAND_MB
-        self._channels_last = False
+        self.plan = ExecutionPlan()
         self.source: str | None = None
         for m in self.modules().values():
             m.eval()
@@ -162,92 +176,102 @@ class OSDFacePipeline:
             m.to(device=dev, dtype=dt)
         return self
 
-    # ------------------------------------------------------------------------ speed options
+    # ------------------------------------------------- execution plan (speed and memory; never the math)
     def enable_channels_last(self) -> OSDFacePipeline:
-        """Use the channels-last memory format for the conv-heavy modules (VAE, UNet, VRE encoder).
+        """Use the channels-last memory format for the conv-heavy modules (VAE, UNet, VRE encoder)
+        and for the VAE's inputs (``plan.channels_last``).
 
         Same math; on GPUs with tensor cores (and some CPUs) the convolutions run faster. Results
         differ from contiguous NCHW only by float summation order.
         """
         for m in (self.vae, self.unet, self.vre):
             m.to(memory_format=torch.channels_last)
-        self._channels_last = True
+        self.plan = self.plan.replace(channels_last=True)
         return self
 
     def compile(self, mode: str | None = "max-autotune-no-cudagraphs", **kwargs) -> OSDFacePipeline:
         """``torch.compile`` the UNet and the VAE encoder/decoder (first call is slow; then faster).
 
-        ``kwargs`` go to ``torch.compile`` (e.g. ``dynamic=False``, ``fullgraph=False``).
+        ``kwargs`` go to ``torch.compile`` (e.g. ``dynamic=False``, ``fullgraph=False``). The mode is
+        recorded in ``plan.compile_mode``; a compiled decoder is decoded by ``vae.decode`` (the lean
+        decode's documented fallback).
         """
         self.unet = torch.compile(self.unet, mode=mode, **kwargs)
         self.vae.encoder = torch.compile(self.vae.encoder, mode=mode, **kwargs)
         self.vae.decoder = torch.compile(self.vae.decoder, mode=mode, **kwargs)
+        self.plan = self.plan.replace(compile_mode=str(mode))
         return self
 
     def set_vae_batch_size(self, n: int | None) -> OSDFacePipeline:
         """Run the VAE encoder/decoder ``n`` images at a time (bounds activation memory for large
-        batches; ``None`` = the whole batch at once)."""
-        if n is not None and n < 1:
-            raise ValueError("VAE batch size must be >= 1 or None")
-        self.vae_batch_size = n
+        batches; ``None`` = the whole batch at once). ``plan.vae_batch_size``.
+
+        Raises:
+            ValueError: ``n < 1``.
+        """
+        self.plan = self.plan.replace(vae_batch_size=n)
         return self
 
     def set_lean_decode(self, enabled: bool | None = None, band_mb: float = DEFAULT_BAND_MB) -> OSDFacePipeline:
         """Decode with :func:`osdface.models.lean_decode.lean_vae_decode`: same operations, lower
-        peak memory (banded high-resolution convolutions, in-place activations).
+        peak memory (banded high-resolution convolutions, in-place activations). ``plan.lean_decode``
+        and ``plan.lean_band_mb``.
+
+        A decoder structure the lean decode does not recognise is decoded by ``vae.decode`` after
+        one logged warning; autograd, the VAE's own tiling/slicing and a compiled decoder also use
+        ``vae.decode`` (documented fallbacks). Results are the same either way.
 
         Args:
             enabled: ``True``/``False``, or ``None`` (default) = on when decoding on the CPU, where
                 resident memory is the limit; off on accelerators.
             band_mb: working-set budget of one convolution band in MiB.
+
+        Raises:
+            ValueError: ``band_mb <= 0``.
         """
-        if band_mb <= 0:
-            raise ValueError("band_mb must be > 0")
-        self.lean_decode, self.lean_band_mb = enabled, float(band_mb)
+        self.plan = self.plan.replace(lean_decode=enabled, lean_band_mb=float(band_mb))
         return self
 
     def set_heap_trimming(self, enabled: bool | None = None) -> OSDFacePipeline:
         """Return free heap memory to the OS between stages (:func:`osdface.utils.memory.trim_heap`).
+        ``plan.heap_trimming``.
 
         ``None`` (default) = on for CPU inference (lower resident peak, results unchanged), off on
         accelerators and under autograd.
         """
-        self.heap_trimming = enabled
+        self.plan = self.plan.replace(heap_trimming=enabled)
         return self
-
-    def _between_stages(self, x: torch.Tensor) -> None:
-        on = self.heap_trimming if self.heap_trimming is not None else x.device.type == "cpu"
-        if on and not torch.is_grad_enabled():
-            trim_heap()
 
     def enable_encoder_overlap(self, enabled: bool = True) -> OSDFacePipeline:
         """On CUDA, run the VRE + adapter on a side stream while the VAE encoder runs on the current
         stream (both only read ``lq``; the UNet waits for both). Same math and results; no effect
-        on other devices or under autograd.
+        on other devices or under autograd. ``plan.encoder_overlap``.
         """
-        self.overlap_encoders = bool(enabled)
+        self.plan = self.plan.replace(encoder_overlap=bool(enabled))
         return self
 
+    # --------------------------------------------- stage helpers: the only places the plan is consulted
     def _encode(self, lq: torch.Tensor, latent: LatentMode, generator: torch.Generator | None):
-        """Steps 3–4: ``(prompt, indices, z_L)``, the VRE overlapped with the VAE encoder when enabled."""
-        if not (self.overlap_encoders and lq.device.type == "cuda" and not torch.is_grad_enabled()):
-            prompt, idx = self.encode_prompt(lq, return_indices=True)
-            return prompt, idx, self.encode_latent(lq, latent=latent, generator=generator)
-        main = torch.cuda.current_stream(lq.device)
-        side = self._side_streams.get(lq.device)
-        if side is None:  # one side stream per device, made once
-            side = self._side_streams[lq.device] = torch.cuda.Stream(device=lq.device)
-        side.wait_stream(main)  # lq is complete before the side stream reads it
-        with torch.cuda.stream(side):
-            prompt, idx = self.encode_prompt(lq, return_indices=True)
-        z = self.encode_latent(lq, latent=latent, generator=generator)
-        main.wait_stream(side)
-        # the caching allocator must not hand these blocks out again while the other stream uses them
-        lq.record_stream(side)
-        for t in (prompt, idx):
-            if t.is_cuda:
-                t.record_stream(main)
-        return prompt, idx, z
+        """Steps 3–4 of :meth:`restore_tensor`: ``(z_L, prompt, indices)`` from the same ``lq``.
+
+        The two encoders are independent; the plan may run the visual prompt on a CUDA side stream
+        while the VAE encodes (:meth:`ExecutionPlan.run_encoders`), then trims the heap.
+        """
+        (prompt, idx), z = self.plan.run_encoders(
+            lq,
+            visual_prompt=lambda: self.encode_prompt(lq, return_indices=True),
+            lq_latent=lambda: self.encode_latent(lq, latent=latent, generator=generator),
+        )
+        self.plan.between_stages(z)
+        return z, prompt, idx
+
+    def _decode(self, x0: torch.Tensor, check_finite: bool) -> torch.Tensor:
+        """Step 7 of :meth:`restore_tensor`: :meth:`decode`, with the heap trimmed before (the UNet's
+        freed activations) and after, as the plan says."""
+        self.plan.between_stages(x0)
+        out = self.decode(x0, check_finite=check_finite)
+        self.plan.between_stages(out)
+        return out
 
     @property
     def alpha_cumprod(self) -> torch.Tensor:
@@ -278,20 +302,16 @@ class OSDFacePipeline:
         return (prompt, idx) if return_indices else prompt
 
     def encode_latent(self, lq: torch.Tensor, latent: LatentMode = "mode", generator: torch.Generator | None = None):
-        """``(B, 3, R, R)`` in [-1, 1] → ``z_L`` ``(B, 4, R/8, R/8)``, scaled by ``scaling_factor`` (step 3)."""
+        """``(B, 3, R, R)`` in [-1, 1] → ``z_L`` ``(B, 4, R/8, R/8)``, scaled by ``scaling_factor`` (step 3).
+
+        The VAE runs on the plan's chunks (:meth:`ExecutionPlan.vae_chunks`)."""
         if latent not in ("mode", "sample"):
             raise ValueError(f"latent must be 'mode' or 'sample', got {latent!r}")
         zs = []
-        for chunk in self._vae_chunks(lq):
+        for chunk in self.plan.vae_chunks(lq):
             dist = self.vae.encode(chunk).latent_dist
             zs.append(dist.mode() if latent == "mode" else dist.sample(generator=generator))
         return torch.cat(zs) * self.vae.config.scaling_factor
-
-    def _vae_chunks(self, x: torch.Tensor):
-        if self._channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        n = self.vae_batch_size or len(x)
-        return x.split(n)
 
     def predict_x0(self, z_lq: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """ẑ_H = (z_L − √(1−ᾱ)·ε̂)/√ᾱ in float64, returned as float32 (step 6).
@@ -307,12 +327,12 @@ class OSDFacePipeline:
 
     def decode(self, x0: torch.Tensor, check_finite: bool = False) -> torch.Tensor:
         """Latent → image in [0, 1] (step 7); ``check_finite`` checks the decoder output before
-        the clamp (which would hide ±Inf) and raises :class:`NonFiniteOutputError`."""
+        the clamp (which would hide ±Inf) and raises :class:`NonFiniteOutputError`.
+
+        The VAE decodes as the plan says (:meth:`ExecutionPlan.vae_decode`: chunks, lean decode);
+        the results are those of ``vae.decode``."""
         z = x0.to(self.dtype) / self.vae.config.scaling_factor
-        lean = self.lean_decode if self.lean_decode is not None else z.device.type == "cpu"
-        parts = [lean_vae_decode(self.vae, c, self.lean_band_mb) if lean else self.vae.decode(c).sample
-                 for c in self._vae_chunks(z)]
-        img = parts[0] if len(parts) == 1 else torch.cat(parts)
+        img = self.plan.vae_decode(self.vae, z)
         if check_finite:
             self.check_finite(img, "VAE decoder output")
         return from_model_range(img.clamp(-1, 1)).clamp(0.0, 1.0)
@@ -334,7 +354,13 @@ class OSDFacePipeline:
     def restore_tensor(self, lq: torch.Tensor, latent: LatentMode = "mode",
                        generator: torch.Generator | None = None, return_indices: bool = False,
                        check_finite: bool = False):
-        """Steps 3–7 on a model-space batch; differentiable (no ``no_grad`` here; training reuses it).
+        """Steps 3–7 (docs/method.md §2) on a model-space batch; differentiable (no ``no_grad`` here;
+        training reuses it).
+
+        Steps 1–2 (check the inputs, preprocess to [-1, 1]) are :meth:`preprocess`, run by the caller
+        (:meth:`__call__`; training builds its model-space batches itself). How the steps execute
+        (chunks, lean decode, heap trimming, encoder overlap) is :attr:`plan`'s business, inside
+        :meth:`_encode` and :meth:`_decode`; the math below does not depend on it.
 
         Args:
             lq: ``(B, 3, R, R)`` in [-1, 1].
@@ -344,15 +370,16 @@ class OSDFacePipeline:
         Returns:
             ``(B, 3, R, R)`` float in [0, 1] (and the prompt indices when asked).
         """
-        prompt, idx, z = self._encode(lq, latent, generator)
-        self._between_stages(z)
+        # 3–4. LQ latent z_L (VAE posterior mode, or a sample) and the visual prompt (VRE → adapter)
+        z, prompt, idx = self._encode(lq, latent, generator)
+        # 5. one UNet step at t, no noise added: ε̂ = UNet(z_L, t, prompt)
         eps = self.unet(z, self.timestep, encoder_hidden_states=prompt.to(z.dtype)).sample
-        self._between_stages(eps)
+        # 6. x0 in closed form, float64: ẑ_H = (z_L − √(1−ᾱ_t)·ε̂) / √ᾱ_t
         x0 = self.predict_x0(z, eps)
         if check_finite:
             self.check_finite(x0, "predicted latent (VAE encoder, prompt or UNet)")
-        out = self.decode(x0, check_finite=check_finite)
-        self._between_stages(out)
+        # 7. decode ẑ_H / scaling_factor, clamp to [-1, 1], map to [0, 1]
+        out = self._decode(x0, check_finite)
         return (out, idx) if return_indices else out
 
     @torch.inference_mode()
@@ -374,18 +401,10 @@ class OSDFacePipeline:
             ImageError: inputs that are not RGB images in [0, 1] or not square.
             NonFiniteOutputError: the model produced NaN/Inf (broken weights); names :attr:`source`.
         """
-        lq = self.preprocess(images)
+        lq = self.preprocess(images)  # 1–2
         out, idx = self.restore_tensor(lq, latent=latent, generator=generator, return_indices=True,
-                                       check_finite=True)
-        out = out.float()
-        if output_type == "np":
-            result: Any = to_uint8(out, rounding)
-        elif output_type == "pil":
-            result = to_pil(out, rounding)
-        elif output_type == "pt":
-            result = out
-        else:
-            raise ValueError(f"output_type must be 'pt', 'np' or 'pil', got {output_type!r}")
+                                       check_finite=True)  # 3–7
+        result = _convert_output(out.float(), output_type, rounding)
         if not return_dict:
             return result
         return OSDFacePipelineOutput(images=result, prompt_indices=idx)
