@@ -7,6 +7,10 @@ UNet) stays resident while the next stage allocates its own. ``malloc_trim(0)`` 
 those free pages back (it touches no live data; results are unchanged). On the SD 2.1 pipeline at
 512² this lowers the restore's resident peak by ~0.1–0.4 GB at a cost of milliseconds.
 (Fixing the mmap threshold instead would do the same but page-fault every activation.)
+
+A process-wide action, so the library calls it from one place only: the pipeline's execution plan
+(:meth:`osdface.pipelines.execution.ExecutionPlan.between_stages`), on for CPU inference by default,
+never under autograd, and off with ``pipe.set_heap_trimming(False)``.
 """
 
 from __future__ import annotations
