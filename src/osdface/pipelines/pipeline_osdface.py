@@ -199,7 +199,7 @@ class OSDFacePipeline:
         self.unet = torch.compile(self.unet, mode=mode, **kwargs)
         self.vae.encoder = torch.compile(self.vae.encoder, mode=mode, **kwargs)
         self.vae.decoder = torch.compile(self.vae.decoder, mode=mode, **kwargs)
-        self.plan = self.plan.replace(compile_mode=str(mode))
+        self.plan = self.plan.replace(compile_mode=mode or "default")  # torch.compile: None = "default"
         return self
 
     def set_vae_batch_size(self, n: int | None) -> OSDFacePipeline:
