@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+from osdface.config import ConfigError
 from osdface.data.degradation import (
     KERNEL_TYPES,
     PRESETS,
@@ -274,24 +275,55 @@ def test_presets_draw_within_the_spec_ranges(name):
 
 
 def test_config_validation_names_the_problem():
-    with pytest.raises(ValueError, match="unknown kernel type 'box'; choose from"):
+    # values are checked however the config is built (direct construction too); keys relative to the section
+    with pytest.raises(ConfigError, match=r"kernel_list: unknown kernel type 'box'; choose from"):
         DegradationConfig(kernel_list=("box",), kernel_prob=(1.0,))
-    with pytest.raises(ValueError, match="odd"):
+    with pytest.raises(ConfigError, match="kernel_size must be odd, got 40"):
         DegradationConfig(kernel_size=40)
-    with pytest.raises(ValueError, match="blur_sigma: low 5 is above high 1"):
+    with pytest.raises(ConfigError, match="blur_sigma: low 5 is above high 1"):
         DegradationConfig(blur_sigma=(5, 1))
-    with pytest.raises(ValueError, match="kernel_prob has 1 entries"):
+    with pytest.raises(ConfigError, match="kernel_prob has 1 entries"):
         DegradationConfig(kernel_prob=(1.0,))
-    with pytest.raises(ValueError, match="unknown interpolation 'lanczos9'; choose from"):
+    with pytest.raises(ConfigError, match="interpolation: unknown interpolation 'lanczos9'; choose from"):
         DegradationConfig(interpolation="lanczos9")
-    with pytest.raises(ValueError, match="gray_prob must be a probability"):
+    with pytest.raises(ConfigError, match=r"gray_prob must be ≤ 1, got 1\.5 \(bound in .*DEGRADATION_BOUNDS\)"):
         DegradationConfig(gray_prob=1.5)
-    with pytest.raises(ValueError, match="unknown degradation config key"):
+    with pytest.raises(ConfigError, match=r"jpeg_range\[1\] must be ≤ 100, got 101"):
+        DegradationConfig(jpeg_range=(30, 101))
+    with pytest.raises(ConfigError, match=r"blur_sigma\[0\] must be ≥ 1e-06, got 0"):
+        DegradationConfig(blur_sigma=(0, 1))
+    # the shared checker (osdface.config.from_dict): unknown keys with a suggestion, types
+    with pytest.raises(ConfigError, match=r"unknown config key 'blur_sigmaa' \(did you mean 'blur_sigma'\?\)"):
         DegradationConfig.from_dict({"blur_sigmaa": [1, 2]})
-    with pytest.raises(ValueError, match="'noise_range' must be a list"):
+    with pytest.raises(ConfigError, match=r"noise_range: expected a list, got int 5 \(or null\)"):
         DegradationConfig.from_dict({"noise_range": 5})
-    with pytest.raises(ValueError, match="unknown degradation preset 'nope'; choose from"):
+    with pytest.raises(ConfigError, match=r"blur_sigma: expected 2 items, got 3"):
+        DegradationConfig.from_dict({"blur_sigma": [1, 2, 3]})
+    with pytest.raises(ConfigError, match=r"jpeg_range\[0\]: expected a number, got True"):
+        DegradationConfig.from_dict({"jpeg_range": [True, 100]})
+    with pytest.raises(ConfigError, match="kernel_size: expected an integer, got 41.0"):
+        DegradationConfig.from_dict({"kernel_size": 41.0})
+    with pytest.raises(ConfigError, match=r"kernel_list\[0\]: expected a string, got 1"):
+        DegradationConfig.from_dict({"kernel_list": [1]})
+    with pytest.raises(ConfigError, match="unknown degradation preset 'nope'; choose from"):
         resolve_degradation("nope")
+    with pytest.raises(ConfigError, match=r"preset: unknown degradation preset 'nope'; choose from"):
+        resolve_degradation({"preset": "nope"})
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_numbers_keep_their_type_and_presets_resolve():
+    """An int stays an int (the manifest records values as written); lists become tuples."""
+    cfg = DegradationConfig.from_dict({"jpeg_range": [40, 50], "blur_sigma": [1, 2.5], "kernel_prob": [1, 1],
+                                       "blur_prob": "1e-1"})
+    assert cfg.jpeg_range == (40, 50) and all(type(v) is int for v in cfg.jpeg_range)
+    assert type(cfg.blur_sigma[0]) is int and cfg.blur_sigma[1] == 2.5 and cfg.blur_prob == 0.1
+    assert cfg.to_dict()["kernel_prob"] == [1, 1]
+    assert resolve_degradation("osediff-face") is PRESETS["osediff-face"]
+    assert resolve_degradation({"preset": "osediff-face"}) == PRESETS["osediff-face"]
+    assert resolve_degradation({"preset": "osediff-face", "jpeg_range": None}).jpeg_range is None
+    assert DegradationConfig.from_dict({"jpeg_range": [1, 2]}, base=PRESETS["osediff-face"]).blur_sigma == (1.0, 15.0)
+    assert DegradationConfig() == PRESETS["daefr"]
 
 
 def test_config_dict_and_yaml_round_trip(tmp_path):
@@ -305,8 +337,20 @@ def test_config_dict_and_yaml_round_trip(tmp_path):
     assert resolve_degradation(str(path)) == loaded
     bad = tmp_path / "bad.yaml"
     bad.write_text("preset: daefr\nsigma: [1, 2]\n")
-    with pytest.raises(ValueError, match=r"bad\.yaml: unknown degradation config key\(s\) \['sigma'\]"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'sigma' \(did you mean 'blur_sigma'\?\)"):
         load_degradation_config(bad)
+    bad.write_text("preset: strong\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: preset: unknown degradation preset 'strong'; choose from"):
+        load_degradation_config(bad)
+    bad.write_text("blur_sigma: [5, 1]\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: blur_sigma: low 5 is above high 1"):
+        resolve_degradation(bad)
+    bad.write_text("blur_sigma: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML"):
+        load_degradation_config(bad)
+    with pytest.raises(ConfigError, match=r"missing\.yaml not found") as info:
+        load_degradation_config(tmp_path / "missing.yaml")
+    assert isinstance(info.value, FileNotFoundError)
 
 
 def test_shipped_yaml_presets_equal_the_python_presets():

@@ -68,8 +68,9 @@ class DegradedFaceDataset(Dataset):
     Args:
         roots: one folder or several (e.g. FFHQ and FFHQR); images are found recursively and
             pooled (uniform sampling over the union).
-        degradation: a preset name (``"daefr"``, ``"osediff-face"``), a YAML path or a
-            :class:`~osdface.data.degradation.DegradationConfig`.
+        degradation: a preset name (``"daefr"``, ``"osediff-face"``), a YAML path, a mapping
+            (optionally with ``preset: NAME``) or a :class:`~osdface.data.degradation.DegradationConfig`
+            (a training config's ``data.degradation`` section).
         size: side of the square output; HQ images of another size are resized (area/bicubic).
         hflip: random horizontal flip (probability 0.5, drawn per image and epoch).
         seed: global non-negative seed.
@@ -122,7 +123,7 @@ class DegradedFaceDataset(Dataset):
             self.degrader = Degrader(degradation)
         except OSDFaceError:
             raise
-        except ValueError as e:  # an unknown preset or an invalid degradation YAML (named)
+        except ValueError as e:  # (a bad degradation config is a ConfigError, re-raised above, naming the key)
             raise DatasetError(str(e)) from None
         self.size = int(size)
         self.hflip = bool(hflip)

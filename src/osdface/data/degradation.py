@@ -34,17 +34,16 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Union
 
 import cv2
 import numpy as np
 
-from ..config import ConfigError
+from ..config import Bound, ConfigError, check_bounds, from_dict, load_config, to_dict
 from ..image import bgr_to_rgb, rgb_to_bgr
-from ..utils.io import yaml_error_reason
 
 __all__ = [
+    "DEGRADATION_BOUNDS",
     "KERNEL_TYPES",
     "INTERPOLATIONS",
     "PRESETS",
@@ -141,16 +140,50 @@ INTERPOLATIONS: dict[str, int] = {
     "nearest": cv2.INTER_NEAREST,
 }
 
-Range = tuple[float, float]
+Number = Union[int, float]  # an int stays an int (a manifest records the value as it was given)
+Range = tuple[Number, Number]
+
+_TABLE = "osdface.data.degradation.DEGRADATION_BOUNDS"
+
+#: Plausible values of the :class:`DegradationConfig` fields, by field name (for a range, of both
+#: ends); checked by the shared :func:`osdface.config.check_bounds`.
+DEGRADATION_BOUNDS: dict[str, Bound] = {
+    "kernel_size": Bound(1),
+    "kernel_list": Bound(min_items=1),
+    "kernel_prob": Bound(0),
+    "blur_sigma": Bound(1e-6),
+    "betag_range": Bound(1e-6),
+    "betap_range": Bound(1e-6),
+    "blur_prob": Bound(0, 1),
+    "downsample_range": Bound(1e-6),
+    "noise_range": Bound(0),
+    "poisson_prob": Bound(0, 1),
+    "poisson_scale_range": Bound(0),
+    "gray_noise_prob": Bound(0, 1),
+    "jpeg_range": Bound(1, 100),
+    "color_jitter_prob": Bound(0, 1),
+    "color_jitter_shift": Bound(0),
+    "gray_prob": Bound(0, 1),
+}
+
+_RANGES = ("blur_sigma", "rotation_range", "betag_range", "betap_range", "downsample_range", "noise_range",
+           "poisson_scale_range", "jpeg_range")
 
 
 @dataclass(frozen=True)
 class DegradationConfig:
     """Every range and probability of the synthetic degradation (docs/method.md §7).
 
+    A frozen config section checked by the shared machinery of :mod:`osdface.config`: built from
+    YAML with :func:`~osdface.config.from_dict` (unknown keys raise with a suggestion, types are
+    checked), its values checked against :data:`DEGRADATION_BOUNDS` however it is built. Where a
+    config is read, a preset name stands for that preset, and a mapping may start from
+    ``preset: NAME`` (:meth:`config_input`). In a training config it is the ``data.degradation``
+    section (``--set data.degradation.blur_sigma=[0.1,10]``, ``--set data.degradation=osediff-face``).
+
     All noise levels and the colour shift are on the 0–255 scale, as in BasicSR/GFPGAN.
     Set ``blur_prob=0``, ``downsample_range=(1, 1)``, ``noise_range=None`` or ``jpeg_range=None``
-    to switch a stage off.
+    to switch a stage off. The defaults are the ``daefr`` preset.
 
     Attributes:
         kernel_size: odd blur-kernel side (DAEFR/CodeFormer/OSEDiff use 41).
@@ -175,135 +208,110 @@ class DegradationConfig:
 
     kernel_size: int = 41
     kernel_list: tuple[str, ...] = ("iso", "aniso")
-    kernel_prob: tuple[float, ...] = (0.5, 0.5)
+    kernel_prob: tuple[Number, ...] = (0.5, 0.5)
     blur_sigma: Range = (0.1, 10.0)
     rotation_range: Range = (-math.pi, math.pi)
     betag_range: Range = (0.5, 4.0)
     betap_range: Range = (1.0, 2.0)
-    blur_prob: float = 1.0
+    blur_prob: Number = 1.0
     downsample_range: Range = (0.8, 8.0)
     interpolation: str = "bilinear"
     noise_range: Range | None = (0.0, 20.0)
-    poisson_prob: float = 0.0
+    poisson_prob: Number = 0.0
     poisson_scale_range: Range = (0.05, 3.0)
-    gray_noise_prob: float = 0.0
+    gray_noise_prob: Number = 0.0
     jpeg_range: Range | None = (60, 100)
-    color_jitter_prob: float = 0.0
-    color_jitter_shift: float = 20.0
-    gray_prob: float = 0.0
+    color_jitter_prob: Number = 0.0
+    color_jitter_shift: Number = 20.0
+    gray_prob: Number = 0.0
 
     def __post_init__(self) -> None:
-        # Normalise list → tuple (YAML gives lists) so the frozen config stays hashable.
+        # Normalise list → tuple (a direct caller may pass lists) so the frozen config stays hashable.
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, list):
                 object.__setattr__(self, f.name, tuple(v))
-        self._validate()
-
-    def _validate(self) -> None:
-        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 != 1:
-            raise ConfigError(f"kernel_size must be a positive odd int, got {self.kernel_size!r}")
-        if not self.kernel_list:
-            raise ConfigError("kernel_list must name at least one kernel type")
+        # Values only: types are the shared from_dict's job. Keys are relative to this section
+        # (from_dict roots them, e.g. at data.degradation).
+        check_bounds(self, "", DEGRADATION_BOUNDS, _TABLE)
+        if self.kernel_size % 2 != 1:
+            raise ConfigError(f"kernel_size must be odd, got {self.kernel_size!r}", key="kernel_size")
         for k in self.kernel_list:
             if k not in KERNEL_TYPES:
-                raise ConfigError(f"unknown kernel type {k!r}; choose from {sorted(KERNEL_TYPES)}")
+                raise ConfigError(f"kernel_list: unknown kernel type {k!r}; choose from {sorted(KERNEL_TYPES)}",
+                                  key="kernel_list")
         if len(self.kernel_prob) != len(self.kernel_list):
-            raise ConfigError(
-                f"kernel_prob has {len(self.kernel_prob)} entries but kernel_list has {len(self.kernel_list)}"
-            )
-        if any(p < 0 for p in self.kernel_prob) or sum(self.kernel_prob) <= 0:
-            raise ConfigError(f"kernel_prob must be non-negative with a positive sum, got {self.kernel_prob}")
+            raise ConfigError(f"kernel_prob has {len(self.kernel_prob)} entries but kernel_list has "
+                              f"{len(self.kernel_list)}", key="kernel_prob")
+        if sum(self.kernel_prob) <= 0:
+            raise ConfigError(f"kernel_prob must have a positive sum, got {self.kernel_prob}", key="kernel_prob")
         if self.interpolation not in INTERPOLATIONS:
-            raise ConfigError(f"unknown interpolation {self.interpolation!r}; choose from {sorted(INTERPOLATIONS)}")
-        ranges = {
-            "blur_sigma": (self.blur_sigma, 1e-6),
-            "rotation_range": (self.rotation_range, -math.inf),
-            "betag_range": (self.betag_range, 1e-6),
-            "betap_range": (self.betap_range, 1e-6),
-            "downsample_range": (self.downsample_range, 1e-6),
-            "noise_range": (self.noise_range, 0.0),
-            "poisson_scale_range": (self.poisson_scale_range, 0.0),
-            "jpeg_range": (self.jpeg_range, 1.0),
-        }
-        for name, (rng, lowest) in ranges.items():
+            raise ConfigError(f"interpolation: unknown interpolation {self.interpolation!r}; choose from "
+                              f"{sorted(INTERPOLATIONS)}", key="interpolation")
+        for name in _RANGES:
+            rng = getattr(self, name)
             if rng is None and name in ("noise_range", "jpeg_range"):
                 continue
-            if rng is None or len(rng) != 2:
-                raise ConfigError(f"{name} must be a (low, high) pair, got {rng!r}")
+            if not isinstance(rng, tuple) or len(rng) != 2:
+                raise ConfigError(f"{name} must be a (low, high) pair, got {rng!r}", key=name)
             lo, hi = rng
-            if not (lo <= hi):
-                raise ConfigError(f"{name}: low {lo} is above high {hi}")
-            if lo < lowest:
-                raise ConfigError(f"{name}: low {lo} is below the smallest allowed value {lowest}")
-        if self.jpeg_range is not None and self.jpeg_range[1] > 100:
-            raise ConfigError(f"jpeg_range: quality must be within [1, 100], got {self.jpeg_range}")
-        for name in ("blur_prob", "poisson_prob", "gray_noise_prob", "color_jitter_prob", "gray_prob"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ConfigError(f"{name} must be a probability in [0, 1], got {p}")
-        if self.color_jitter_shift < 0:
-            raise ConfigError(f"color_jitter_shift must be >= 0, got {self.color_jitter_shift}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/YAML-ready dict (tuples become lists)."""
-        return {
-            f.name: (list(v) if isinstance(v, tuple) else v)
-            for f in dataclasses.fields(self)
-            for v in [getattr(self, f.name)]
-        }
+            if not lo <= hi:
+                raise ConfigError(f"{name}: low {lo} is above high {hi}", key=name)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], base: DegradationConfig | None = None) -> DegradationConfig:
-        """Build a config from a mapping (e.g. parsed YAML), optionally overriding ``base``.
+    def config_input(cls, value: Any, key: str = "") -> Any:
+        """What a config may write for this section → the mapping of its fields (the hook of
+        :func:`osdface.config.from_dict` and :func:`~osdface.config.apply_overrides`).
 
-        Unknown keys and wrongly typed values raise :class:`~osdface.config.ConfigError` (a ``ValueError``)
-        naming the key.
+        A preset name → that preset's fields; a ``.yaml``/``.yml`` path → the fields of that
+        degradation file (:func:`load_degradation_config`); a mapping with ``preset: NAME`` →
+        the preset's fields updated with the mapping's other keys. Anything else is returned
+        unchanged (the shared checker judges it).
+
+        Raises:
+            ConfigError: an unknown preset, or an invalid degradation file (named).
         """
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"a degradation config must be a mapping, got {type(data).__name__}")
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown degradation config key(s) {unknown}; choose from {sorted(names)}")
-        values = dict(base.to_dict()) if base is not None else {}
-        for key, value in data.items():
-            values[key] = _check_type(key, value, cls.__dataclass_fields__[key].default)
-        return cls(**values)
-
-
-def _check_type(key: str, value: Any, default: Any) -> Any:
-    """Loose type check of one YAML value against the field's default."""
-    if value is None:
-        if key in ("noise_range", "jpeg_range"):
-            return None
-        raise ConfigError(f"degradation config {key!r} may not be null")
-    if isinstance(default, bool) or isinstance(value, bool):
-        raise ConfigError(f"degradation config {key!r}: unexpected boolean {value!r}")
-    if isinstance(default, tuple) or key in ("noise_range", "jpeg_range"):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"degradation config {key!r} must be a list, got {value!r}")
-        want_str = bool(default) and isinstance(default[0], str)
-        for v in value:
-            if want_str and not isinstance(v, str):
-                raise ConfigError(f"degradation config {key!r} must be a list of names, got {value!r}")
-            if not want_str and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise ConfigError(f"degradation config {key!r} must be a list of numbers, got {value!r}")
-        return tuple(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"degradation config {key!r} must be a string, got {value!r}")
+        where = f"{key}: " if key else ""
+        if isinstance(value, (str, os.PathLike)):
+            if isinstance(value, str) and value in PRESETS:
+                return PRESETS[value].to_dict()
+            if str(value).endswith((".yaml", ".yml")):
+                return load_degradation_config(value).to_dict()
+            raise ConfigError(f"{where}unknown degradation preset {str(value)!r}; choose from {sorted(PRESETS)} "
+                              "or give a .yaml file", key=key or None)
+        if isinstance(value, Mapping) and "preset" in value:
+            rest = {k: v for k, v in value.items() if k != "preset"}
+            name = value["preset"]
+            if not isinstance(name, str) or name not in PRESETS:
+                pkey = f"{key}.preset" if key else "preset"
+                raise ConfigError(f"{pkey}: unknown degradation preset {name!r}; choose from {sorted(PRESETS)}",
+                                  key=pkey)
+            return {**PRESETS[name].to_dict(), **rest}
         return value
-    if isinstance(default, int) and not isinstance(value, int):
-        raise ConfigError(f"degradation config {key!r} must be an integer, got {value!r}")
-    if isinstance(default, float) and not isinstance(value, (int, float)):
-        raise ConfigError(f"degradation config {key!r} must be a number, got {value!r}")
-    return value
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-ready dict in field order (tuples become lists)."""
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, base: DegradationConfig | None = None) -> DegradationConfig:
+        """Build a config from a mapping (e.g. parsed YAML; may start from ``preset: NAME``) or a
+        preset name, with the shared checker :func:`osdface.config.from_dict`; the mapping's keys
+        override ``base`` (when given).
+
+        Raises:
+            ConfigError: unknown keys (with a suggestion), wrongly typed or out-of-range values,
+                naming the key.
+        """
+        if base is not None and isinstance(data, Mapping):
+            data = {**base.to_dict(), **cls.config_input(data)}
+        return from_dict(cls, data)
 
 
 #: Named presets. ``daefr``: DAEFR ``configs/*.yaml`` / ``ffhq_degradation_dataset.py`` ranges
 #: (CelebA-Test style; DAEFR draws the kernel size from {39, 41}, we fix 41).
 #: ``osediff-face``: OSEDiff ``dataloaders/params_codeformer.yml`` (CodeFormer's ranges).
+#: ``configs/degradations/<name>.yaml`` hold the same values.
 PRESETS: dict[str, DegradationConfig] = {
     "daefr": DegradationConfig(
         kernel_size=41, kernel_list=("iso", "aniso"), kernel_prob=(0.5, 0.5), blur_sigma=(0.1, 10.0),
@@ -317,51 +325,34 @@ PRESETS: dict[str, DegradationConfig] = {
 
 
 def load_degradation_config(path: str | os.PathLike) -> DegradationConfig:
-    """Read a YAML file into a :class:`DegradationConfig`.
+    """Read a YAML file into a :class:`DegradationConfig` (the shared :func:`osdface.config.load_config`).
 
     The file is a mapping of :class:`DegradationConfig` fields; an optional ``preset: NAME`` key
     starts from that preset and the other keys override it.
 
     Raises:
-        ConfigError: unreadable file, unknown preset or key, bad value (the message names the file);
-            a ``ValueError`` too.
+        ConfigError: unreadable or missing file (:class:`~osdface.config.ConfigFileNotFoundError`,
+            a ``FileNotFoundError`` too), unknown preset or key, bad value (the message names the
+            file and the key); a ``ValueError`` too.
     """
-    import yaml
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read degradation config ({e})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML in the degradation config ({yaml_error_reason(e)})") from None
-    data = dict(data or {})
-    base = None
-    if "preset" in data:
-        name = data.pop("preset")
-        if name not in PRESETS:
-            raise ConfigError(f"{path}: unknown degradation preset {name!r}; choose from {sorted(PRESETS)}")
-        base = PRESETS[name]
-    try:
-        return DegradationConfig.from_dict(data, base=base)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return load_config(DegradationConfig, path)
 
 
 DegradationSpec = Union[str, os.PathLike, DegradationConfig, Mapping]
 
 
 def resolve_degradation(spec: DegradationSpec) -> DegradationConfig:
-    """A preset name, a YAML path, a mapping or a config → :class:`DegradationConfig`."""
+    """A preset name, a YAML path, a mapping (optionally with ``preset: NAME``) or a config →
+    :class:`DegradationConfig`.
+
+    Raises:
+        ConfigError: an unknown preset, an invalid file or mapping (naming the key).
+    """
     if isinstance(spec, DegradationConfig):
         return spec
-    if isinstance(spec, Mapping):
-        return DegradationConfig.from_dict(spec)
     if isinstance(spec, str) and spec in PRESETS:
         return PRESETS[spec]
-    if isinstance(spec, (str, os.PathLike)) and str(spec).endswith((".yaml", ".yml")):
-        return load_degradation_config(spec)
-    raise ConfigError(f"unknown degradation preset {spec!r}; choose from {sorted(PRESETS)} or give a .yaml file")
+    return from_dict(DegradationConfig, spec)
 
 
 # ----------------------------------------------------------------------------------------------

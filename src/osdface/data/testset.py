@@ -132,7 +132,8 @@ def degrade_folder(
         out_dir: output folder; ``<stem>.png`` per input, the same size as its input, written
             atomically. It may not be ``hq_dir`` itself (inputs are never modified). Temporaries
             that killed runs left there are removed first.
-        degradation: preset name, YAML path or :class:`~osdface.data.degradation.DegradationConfig`.
+        degradation: preset name, YAML path, mapping (optionally with ``preset: NAME``) or
+            :class:`~osdface.data.degradation.DegradationConfig`.
         seed: global non-negative seed.
         workers: processes to use (1 = in this process).
         manifest_path: where to write the JSON manifest (``None``: not written); never an input
