@@ -119,3 +119,59 @@ def test_generic_loader_on_another_schema(tmp_path):
     assert load_config(Outer, p, ["inner.ratio=null"]).inner.ratio is None
     with pytest.raises(ConfigError, match="inner.tags.a"):
         load_config(Outer, p, ["inner.tags={a: x}"])
+
+
+def test_degradation_is_a_nested_typed_section(tmp_path):
+    from osdface.data.degradation import PRESETS, DegradationConfig
+
+    # shipped configs name a preset: the section resolves to it (the same degradations as before)
+    for name in ("vre-paper.yaml", "vre-tiny.yaml"):
+        assert load_vre_config(CONFIGS / name).data.degradation == PRESETS["daefr"]
+    assert VREExperiment().data.degradation == PRESETS["daefr"]
+    base = CONFIGS / "vre-tiny.yaml"
+    cfg = load_vre_config(base, ["data.degradation.blur_sigma=[0.1,10]", "data.degradation.jpeg_range=[30, 40]"])
+    assert isinstance(cfg.data.degradation, DegradationConfig)
+    assert cfg.data.degradation.jpeg_range == (30, 40) and cfg.data.degradation.kernel_size == 41
+    assert load_vre_config(base, ["data.degradation=osediff-face"]).data.degradation == PRESETS["osediff-face"]
+    # a preset set first, then one field of it
+    cfg = load_vre_config(base, ["data.degradation=osediff-face", "data.degradation.jpeg_range=null"])
+    assert cfg.data.degradation.jpeg_range is None and cfg.data.degradation.blur_sigma == (1.0, 15.0)
+    # a mapping with preset + overrides, and a degradation YAML path
+    p = tmp_path / "exp.yaml"
+    p.write_text("data:\n  degradation: {preset: osediff-face, gray_prob: 0.1}\n")
+    cfg = load_vre_config(p)
+    assert cfg.data.degradation.gray_prob == 0.1 and cfg.data.degradation.downsample_range == (1.0, 30.0)
+    cfg = load_vre_config(p, ["data.degradation.gray_prob=0.2"])
+    assert cfg.data.degradation.gray_prob == 0.2 and cfg.data.degradation.downsample_range == (1.0, 30.0)
+    p.write_text(f"data:\n  degradation: {CONFIGS / 'degradations' / 'osediff-face.yaml'}\n")
+    assert load_vre_config(p).data.degradation == PRESETS["osediff-face"]
+    # the resolved config shows the full section and loads back to the same config
+    text = dump_yaml(cfg)
+    assert yaml.safe_load(text)["data"]["degradation"]["downsample_range"] == [1.0, 30.0]
+    assert from_dict(VREExperiment, yaml.safe_load(text)) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.degradation=strong", r"data\.degradation: unknown degradation preset 'strong'; choose from"),
+    ("data.degradation.sigma=1", r"unknown config key 'data\.degradation\.sigma' \(did you mean 'blur_sigma'\?\)"),
+    ("data.degradation.blur_sigma=[5, 1]", r"data\.degradation\.blur_sigma: low 5 is above high 1"),
+    ("data.degradation.blur_sigma=[0, 1]", r"data\.degradation\.blur_sigma\[0\] must be ≥ 1e-06, got 0"),
+    ("data.degradation.jpeg_range=[1, 2, 3]", r"data\.degradation\.jpeg_range: expected 2 items, got 3"),
+    ("data.degradation.kernel_size=40", r"data\.degradation\.kernel_size must be odd, got 40"),
+    ("data.degradation={preset: nope}", r"data\.degradation\.preset: unknown degradation preset 'nope'"),
+])
+def test_bad_degradation_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_vre_config(CONFIGS / "vre-tiny.yaml", [override])
+
+
+def test_bad_degradation_in_a_file_names_the_file_and_key(tmp_path):
+    p = tmp_path / "exp.yaml"
+    p.write_text("data:\n  degradation:\n    preset: daefr\n    gray_prob: 2\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml: data\.degradation\.gray_prob must be ≤ 1, got 2"):
+        load_vre_config(p)
+    deg = tmp_path / "deg.yaml"
+    deg.write_text("blur_sigmaa: [1, 2]\n")
+    p.write_text(f"data:\n  degradation: {deg}\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml: data\.degradation: .*deg\.yaml: unknown config key 'blur_sigmaa'"):
+        load_vre_config(p)

@@ -1,59 +1,58 @@
-"""Experiment configuration: YAML → frozen, typed dataclasses; dotted ``--set`` overrides.
+"""Experiment configuration of both training stages: the shared sections and the table of bounds.
 
-Generic machinery shared by both training stages:
+The generic machinery (YAML → frozen typed dataclasses, unknown keys with suggestions, dotted
+``--set`` overrides, :func:`load_config`, :func:`dump_yaml`) lives in :mod:`osdface.config`, below
+the data and training layers; every name of it is re-exported here. This module holds:
 
-* :func:`from_dict` builds any (nested) frozen dataclass from a mapping; unknown keys raise
-  (with a "did you mean" hint), types are checked (``int``, ``float`` — ints accepted,
-  ``bool`` — strict, ``str``, ``Literal``, ``Optional``, ``tuple[...]``, ``list[...]``,
-  ``dict[str, ...]``, nested dataclasses);
-* :func:`apply_overrides` applies ``a.b.c=value`` strings (values parsed as YAML);
-* :func:`load_config` = YAML file + overrides → dataclass; :func:`to_dict`/:func:`dump_yaml`
-  write the resolved config back (saved into the run dir and every checkpoint);
-* :data:`BOUNDS`, the one table of plausible ranges for sizes, counts and weights (a typo such
-  as ``model.vqgan.ch=100000`` is a :class:`ConfigError` naming the field, value and bound, not
-  an out-of-memory crash); each section checks its fields against it with :func:`check_bounds`.
+* :data:`BOUNDS`, the one table of plausible ranges for the sizes, counts and weights of both
+  stages (a typo such as ``model.vqgan.ch=100000`` is a :class:`ConfigError` naming the field,
+  value and bound, not an out-of-memory crash); each section checks its fields against it with
+  :func:`check_bounds`;
+* the shared sections :class:`TrainConfig` and :class:`DataConfig` (whose ``degradation`` is the
+  nested :class:`~osdface.data.degradation.DegradationConfig` section); stage-specific experiment
+  classes compose them.
 
-Defaults live in the dataclasses only. The shared sections (:class:`TrainConfig`,
-:class:`DataConfig`) are here; stage-specific experiment classes compose them.
+Defaults live in the dataclasses only.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import math
-import os
-import types
-import typing
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-import yaml
+from .. import config as _generic
+from ..config import (  # re-exported: the generic machinery, below the data and training layers
+    Bound,
+    ConfigError,
+    ConfigFileNotFoundError,
+    apply_overrides,
+    dump_yaml,
+    from_dict,
+    load_config,
+    parse_override,
+    to_dict,
+)
+from ..data.degradation import DegradationConfig
 
-from ..config import ConfigError  # re-exported: defined below the data and training layers
-from ..errors import OSDFaceError
-from ..utils.io import yaml_error_reason
-
-T = TypeVar("T")
+__all__ = [
+    "BOUNDS",
+    "Bound",
+    "ConfigError",
+    "ConfigFileNotFoundError",
+    "DataConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "check_bounds",
+    "check_value",
+    "dump_yaml",
+    "from_dict",
+    "load_config",
+    "parse_override",
+    "to_dict",
+]
 
 
 # ------------------------------------------------------------------------------------- bounds
-@dataclass(frozen=True)
-class Bound:
-    """Plausible range of one config field: ``lo ≤ value ≤ hi`` (each optional; ``lo_open``: ``value > lo``).
-
-    For a list field the range applies to every item, and ``min_items``/``max_items`` bound its length.
-    """
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    min_items: int | None = None
-    max_items: int | None = None
-
-
 _STEPS = 10**9  # step counts, intervals, milestones
 _WEIGHT = Bound(0, 1e6)  # a loss weight
 _LR = Bound(0, 10)
@@ -121,14 +120,7 @@ BOUNDS: dict[str, Bound] = {
 }
 
 
-def _short(value: Any, limit: int = 40) -> str:
-    """``repr(value)``, cut to ``limit`` characters (a 400-digit number stays readable in one line)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
-
-
-def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+_TABLE = "osdface.training.config.BOUNDS"
 
 
 def check_value(key: str, value: float, section: str) -> None:
@@ -137,18 +129,7 @@ def check_value(key: str, value: float, section: str) -> None:
     Raises:
         ConfigError: naming ``key``, the value and the bound; its ``key`` attribute is ``section``.
     """
-    _check_number(key, value, BOUNDS[key], err_key=section)
-
-
-def _check_number(key: str, value: Any, bound: Bound, err_key: str | None = None) -> None:
-    err_key = err_key or key
-    if bound.lo is not None and (value <= bound.lo if bound.lo_open else value < bound.lo):
-        rel = ">" if bound.lo_open else "≥"
-        raise ConfigError(f"{key} must be {rel} {_fmt(bound.lo)}, got {_short(value)} (bound in "
-                          "osdface.training.config.BOUNDS)", key=err_key)
-    if bound.hi is not None and value > bound.hi:
-        raise ConfigError(f"{key} must be ≤ {_fmt(bound.hi)}, got {_short(value)} (bound in "
-                          "osdface.training.config.BOUNDS)", key=err_key)
+    _generic.check_number(key, value, BOUNDS[key], _TABLE, err_key=section)
 
 
 def check_bounds(section: Any, prefix: str) -> None:
@@ -159,23 +140,7 @@ def check_bounds(section: Any, prefix: str) -> None:
     Raises:
         ConfigError: naming the field, the value and the bound.
     """
-    for f in dataclasses.fields(section):
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        bound = BOUNDS.get(key)
-        value = getattr(section, f.name)
-        if bound is None or value is None or dataclasses.is_dataclass(value):
-            continue
-        if isinstance(value, (list, tuple)):
-            if bound.min_items is not None and len(value) < bound.min_items:
-                raise ConfigError(f"{key} needs at least {bound.min_items} item(s), got {len(value)}", key=key)
-            if bound.max_items is not None and len(value) > bound.max_items:
-                raise ConfigError(f"{key} may have at most {bound.max_items} items, got {len(value)} (bound in "
-                                  "osdface.training.config.BOUNDS)", key=key)
-            for i, item in enumerate(value):
-                if isinstance(item, (int, float)) and not isinstance(item, bool):
-                    _check_number(f"{key}[{i}]", item, bound)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            _check_number(key, value, bound)
+    _generic.check_bounds(section, prefix, BOUNDS, _TABLE)
 
 
 # ----------------------------------------------------------------------------------- sections
@@ -186,7 +151,10 @@ class DataConfig:
     Attributes:
         size: face side in pixels.
         hflip: random horizontal flips.
-        degradation: preset name (``daefr``, ``osediff-face``) or a degradation YAML path.
+        degradation: the degradation ranges (:class:`~osdface.data.degradation.DegradationConfig`).
+            A config file may give a preset name (``daefr``, ``osediff-face``), a degradation
+            YAML path, or a mapping of fields, optionally starting from ``preset: NAME``; the
+            resolved config holds every field.
         num_workers: DataLoader workers per process.
         val_images: validation images taken from the front of the validation folders (or of
             the training set when no validation folder is given).
@@ -194,7 +162,7 @@ class DataConfig:
 
     size: int = 512
     hflip: bool = True
-    degradation: str = "daefr"
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)  # = the daefr preset
     num_workers: int = 4
     val_images: int = 8
 
@@ -234,231 +202,3 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_bounds(self, "train")
-
-
-# ------------------------------------------------------------------------------- conversion
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check/convert ``value`` to the annotated type ``tp``; raise :class:`ConfigError` otherwise."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping (section {tp.__name__}), got {type(value).__name__}", key=key)
-        return from_dict(tp, value, prefix=key)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)} ({'; '.join(errors)})", key=key)
-    if origin is Literal:
-        if isinstance(value, bool) and all(isinstance(a, str) for a in args):
-            # YAML 1.1 reads no/off/yes/on as booleans: map back to a matching string option
-            spelled = [a for a in args if a.lower() in (("yes", "on", "true") if value else ("no", "off", "false"))]
-            if len(spelled) == 1:
-                return spelled[0]
-        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
-            return value
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}", key=key)
-    if origin in (tuple, list, Sequence):
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}", key=key)
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(args) != len(value):
-                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}", key=key)
-            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-        return list(items) if origin is list else tuple(items)
-    if origin in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}", key=key)
-        vt = args[1] if args else Any
-        return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}", key=key)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {_short(value)}", key=key)
-    if tp is float:
-        number = None
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            try:  # YAML 1.1 reads "1e-4" (no dot) as a string
-                number = float(value)
-            except OverflowError:  # an int beyond float range
-                number = math.inf
-            except ValueError:
-                pass
-        if number is None:
-            raise ConfigError(f"{key}: expected a number, got {_short(value)}", key=key)
-        if not math.isfinite(number):
-            raise ConfigError(f"{key}: expected a finite number, got {_short(value)}", key=key)
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}", key=key)
-    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}", key=key)
-
-
-def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:
-    """Build the frozen dataclass ``cls`` from ``data``; missing keys take the dataclass defaults.
-
-    Raises:
-        ConfigError: unknown keys (with suggestions), wrong types, or invalid values.
-    """
-    data = {} if data is None else data
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        k = unknown[0]
-        where = f"{prefix}.{k}" if prefix else str(k)
-        close = difflib.get_close_matches(str(k), list(fields), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown config key {where!r}{hint}; valid keys here: {', '.join(fields)}", key=where)
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _convert(value, hints[name], f"{prefix}.{name}" if prefix else name)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix or cls.__name__}: {e}", key=prefix or None) from None
-
-
-def to_dict(cfg: Any) -> Any:
-    """Dataclass → plain dict/list/scalars (tuples become lists), suitable for YAML/JSON."""
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, (list, tuple)):
-        return [to_dict(v) for v in cfg]
-    if isinstance(cfg, Mapping):
-        return {k: to_dict(v) for k, v in cfg.items()}
-    return cfg
-
-
-def dump_yaml(cfg: Any) -> str:
-    """The resolved config as YAML (keys in declaration order)."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"a.b=value"`` → ``(["a", "b"], parsed value)``; the value is parsed as YAML."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key.sub=value")
-    key, raw = item.split("=", 1)
-    path = [p.strip() for p in key.strip().split(".")]
-    if not all(path):
-        raise ConfigError(f"override {item!r}: empty key component")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: cannot parse value ({yaml_error_reason(e)})") from None
-    return path, value
-
-
-def apply_overrides(cls: type, data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply dotted overrides to a raw config mapping, checking each key path against ``cls``.
-
-    Returns a new nested dict; the typed check happens in :func:`from_dict`.
-    """
-    out = _deepcopy_mapping(data)
-    for item in overrides:
-        path, value = parse_override(item)
-        node, tp = out, cls
-        for i, part in enumerate(path):
-            where = ".".join(path[: i + 1])
-            fields = {f.name: f for f in dataclasses.fields(tp)}
-            if part not in fields:
-                close = difflib.get_close_matches(part, list(fields), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"override {item!r}: unknown config key {where!r}{hint}; "
-                                  f"valid keys here: {', '.join(fields)}")
-            if i == len(path) - 1:
-                node[part] = value
-            else:
-                tp = _section_type(typing.get_type_hints(tp)[part])
-                if not dataclasses.is_dataclass(tp):
-                    raise ConfigError(f"override {item!r}: {where!r} is not a section")
-                child = node.get(part)
-                if not isinstance(child, dict):
-                    child = _deepcopy_mapping(child) if isinstance(child, Mapping) else {}
-                    node[part] = child
-                node = child
-    return out
-
-
-def _section_type(tp: Any) -> Any:
-    """The dataclass inside ``X`` or ``Optional[X]``."""
-    if dataclasses.is_dataclass(tp):
-        return tp
-    for a in typing.get_args(tp):
-        if dataclasses.is_dataclass(a):
-            return a
-    return tp
-
-
-def _deepcopy_mapping(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _deepcopy_mapping(v) if isinstance(v, Mapping) else v for k, v in data.items()}
-
-
-class ConfigFileNotFoundError(OSDFaceError, FileNotFoundError):
-    """The experiment file named on the command line (or recorded in a checkpoint) does not exist."""
-
-
-def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
-    """Read a YAML experiment file (optional), apply ``overrides`` and build ``cls``.
-
-    An error in a value that came from the file (not from an override) names the file.
-
-    Raises:
-        ConfigFileNotFoundError: ``path`` does not exist (a ``FileNotFoundError`` too).
-        ConfigError: unreadable file, unknown keys, type errors, out-of-bounds values, malformed overrides
-            (the message names the key).
-    """
-    data: Mapping[str, Any] = {}
-    p = None
-    if path is not None:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise ConfigFileNotFoundError(f"config file {p} not found")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML ({yaml_error_reason(e)})") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: cannot read the config file ({e})") from None
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{p}: the top level must be a mapping")
-    merged = apply_overrides(cls, data, overrides)
-    try:
-        return from_dict(cls, merged)
-    except ConfigError as e:
-        # an override at, under or above the failing key (a section-level check) → not the file's fault
-        overridden = [".".join(parse_override(item)[0]) for item in overrides]
-        from_override = e.key is not None and any(
-            e.key == k or e.key.startswith((k + ".", k + "[")) or k.startswith(e.key + ".") for k in overridden)
-        if p is None or from_override:
-            raise
-        raise ConfigError(f"{p}: {e}", key=e.key) from None
