@@ -23,14 +23,20 @@ from pathlib import Path
 import torch
 
 from .errors import ModelFileError, WeightsNotFoundError
+from .io.names import (  # re-exported here, their old home (file names live in osdface.io.names)
+    BASE_MODEL_SUBFOLDERS,
+    OFFICIAL_ADAPTER_FILE,
+    OFFICIAL_FILES,
+    OFFICIAL_LORA_FILE,
+    OFFICIAL_VRE_FILE,
+    OFFICIAL_VRE_PREFIX,
+)
+from .io.state_dicts import check_state_dict
 from .safe_load import load_safetensors, load_torch_checkpoint
 
-OFFICIAL_VRE_FILE = "associate_2.ckpt"
-OFFICIAL_ADAPTER_FILE = "embedding_change_weights.pth"
-OFFICIAL_LORA_FILE = "pytorch_lora_weights.safetensors"
-OFFICIAL_FILES = (OFFICIAL_VRE_FILE, OFFICIAL_ADAPTER_FILE, OFFICIAL_LORA_FILE)
-#: subfolder → the config file diffusers reads there
-BASE_MODEL_SUBFOLDERS = {"scheduler": "scheduler_config.json", "unet": "config.json", "vae": "config.json"}
+#: what the official files must be, in :func:`~osdface.io.state_dicts.check_state_dict`'s messages
+VRE_WHAT = f"the OSDFace VRE ({OFFICIAL_VRE_FILE} layout) this model expects"
+ADAPTER_WHAT = f"the OSDFace prompt adapter ({OFFICIAL_ADAPTER_FILE} layout) this model expects"
 
 OFFICIAL_WEIGHTS_HELP = (
     "The OSDFace release files are linked from the official repository's README "
@@ -96,29 +102,6 @@ def find_official_files(weights_dir: str | os.PathLike) -> OfficialFiles:
     return OfficialFiles(d / OFFICIAL_VRE_FILE, d / OFFICIAL_ADAPTER_FILE, d / OFFICIAL_LORA_FILE)
 
 
-def _check_keys(source: Path, got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """Keys and shapes of ``got`` against a model's state dict (``expected`` may live on ``meta``).
-
-    Raises:
-        ModelFileError: missing / unexpected keys or shape mismatches, the first few of each named.
-    """
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = sorted(k for k in set(got) & set(expected) if tuple(got[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:5]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:5]})")
-        if wrong:
-            parts.append(
-                "shape mismatches: "
-                + ", ".join(f"{k} {tuple(got[k].shape)} != {tuple(expected[k].shape)}" for k in wrong[:5])
-            )
-        raise ModelFileError(f"{source}: weights do not match the model: " + "; ".join(parts))
-
-
 def check_release_tensors(source: Path, sd: dict, what: str) -> None:
     """Every entry of an official release state dict is a finite floating-point tensor.
 
@@ -160,7 +143,7 @@ def load_official_vre_state_dict(path: str | os.PathLike, expected: dict[str, to
     if not isinstance(sd, dict):
         raise ModelFileError(f"{path}: expected a checkpoint dict with a 'state_dict' entry, "
                              f"found {type(ckpt if sd is None else sd).__name__}")
-    prefix = "vqvae_LQ."
+    prefix = OFFICIAL_VRE_PREFIX
     out = {
         k[len(prefix):]: v
         for k, v in sd.items()
@@ -170,10 +153,10 @@ def load_official_vre_state_dict(path: str | os.PathLike, expected: dict[str, to
         and not k.startswith(prefix + "post_quant_conv")
     }
     if not out:
-        raise ModelFileError(f"{path}: no 'vqvae_LQ.*' tensors found; is this the OSDFace associate_2.ckpt?")
+        raise ModelFileError(f"{path}: no '{prefix}*' tensors found; is this the OSDFace {OFFICIAL_VRE_FILE}?")
     check_release_tensors(path, out, "VRE")
     if expected is not None:
-        _check_keys(path, out, expected)
+        check_state_dict(out, expected, path, VRE_WHAT)
     return out
 
 
@@ -206,7 +189,7 @@ def load_official_vre(path: str | os.PathLike, vre_config: dict | None = None):
     else:
         with torch.device("meta"):
             skeleton = VisualPromptEncoder(**vre_config)
-    _check_keys(path, sd, skeleton.state_dict())
+    check_state_dict(sd, skeleton.state_dict(), path, VRE_WHAT)
     vre = VisualPromptEncoder(**vre_config)
     vre.load_state_dict(sd, strict=True)
     return vre
@@ -227,7 +210,7 @@ def load_official_adapter_state_dict(path: str | os.PathLike, expected: dict[str
         raise ModelFileError(f"{path}: expected a state dict of tensors, found {type(sd).__name__}")
     check_release_tensors(path, sd, "prompt adapter")
     if expected is not None:
-        _check_keys(path, sd, expected)
+        check_state_dict(sd, expected, path, ADAPTER_WHAT)
     return dict(sd)
 
 
@@ -241,3 +224,12 @@ def load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     sd = load_safetensors(path, what="LoRA")
     check_release_tensors(Path(path), sd, "LoRA")
     return sd
+
+
+__all__ = [
+    "BASE_MODEL_SUBFOLDERS", "OFFICIAL_ADAPTER_FILE", "OFFICIAL_FILES", "OFFICIAL_LORA_FILE", "OFFICIAL_VRE_FILE",
+    "OFFICIAL_WEIGHTS_HELP", "OfficialFiles", "WeightsNotFoundError", "check_base_model_dir", "check_release_tensors",
+    "default_base_model_dir", "default_model_dir", "default_official_dir", "find_official_files",
+    "load_lora_file", "load_official_adapter_state_dict", "load_official_vre", "load_official_vre_state_dict",
+    "osdface_home",
+]

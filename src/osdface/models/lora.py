@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import OSDFaceError
+from ..io.names import LORA_KEY_PREFIX
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -77,7 +78,7 @@ _PATTERNS = (
 )
 
 
-def parse_lora_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "unet.",
+def parse_lora_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = LORA_KEY_PREFIX,
                           source: str = "LoRA state dict") -> ParsedLora:
     """Group LoRA tensors by target module, stripping ``prefix`` (``"unet."``) from module paths.
 
@@ -148,7 +149,7 @@ def merge_lora_into(
     model: nn.Module,
     state_dict: dict[str, torch.Tensor],
     lora_alpha: float | None = None,
-    prefix: str = "unet.",
+    prefix: str = LORA_KEY_PREFIX,
     source: str = "LoRA state dict",
 ) -> list[str]:
     """Merge a LoRA state dict into ``model``'s weights in place; return the merged module names.
@@ -217,7 +218,7 @@ def _check_pair_shape(pair: LoraPair, weight_shape: torch.Size) -> None:
                           f"{tuple(weight_shape)}")
 
 
-def lora_config_from_state_dict(state_dict: dict[str, torch.Tensor], lora_alpha: float | None = None, prefix: str = "unet.",
+def lora_config_from_state_dict(state_dict: dict[str, torch.Tensor], lora_alpha: float | None = None, prefix: str = LORA_KEY_PREFIX,
                                 source: str = "LoRA state dict"):
     """A ``peft.LoraConfig`` that reproduces the adapter described by ``state_dict``.
 
@@ -242,7 +243,7 @@ def lora_config_from_state_dict(state_dict: dict[str, torch.Tensor], lora_alpha:
     )
 
 
-def to_peft_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "unet.") -> dict[str, torch.Tensor]:
+def to_peft_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = LORA_KEY_PREFIX) -> dict[str, torch.Tensor]:
     """Convert any supported LoRA key format to peft's ``<module>.lora_A.weight`` without prefix."""
     parsed = parse_lora_state_dict(state_dict, prefix=prefix)
     out = {}
@@ -253,7 +254,7 @@ def to_peft_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "unet.
 
 
 def attach_lora(model: nn.Module, state_dict: dict[str, torch.Tensor], lora_alpha: float | None = None,
-                prefix: str = "unet.", adapter_name: str = "default", source: str = "LoRA state dict") -> None:
+                prefix: str = LORA_KEY_PREFIX, adapter_name: str = "default", source: str = "LoRA state dict") -> None:
     """Attach an *unmerged* LoRA adapter to a diffusers model via peft and load its weights.
 
     Raises:

@@ -20,7 +20,6 @@ decode helpers.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -29,30 +28,23 @@ import torch
 import torch.nn.functional as F
 
 from ..constants import TIMESTEP
-from ..errors import DeviceError, ModelFileError, NonFiniteOutputError, OSDFaceError
+from ..errors import DeviceError, NonFiniteOutputError
 from ..image import ImageError, from_model_range, to_model_range, to_pil, to_tensor, to_uint8
-from ..model_limits import (
-    check_finite_weights,
-    check_lora_config,
-    check_model_folder_configs,
-    check_scheduler_config,
-    check_unet_config,
-    check_vae_config,
-    read_config,
+from ..io.model_folders import (
+    apply_lora,
+    check_base_model,
+    read_lora_file,
+    read_model_folder,
+    read_official_adapter,
+    write_model_folder,
 )
+from ..io.names import LORA_SUBFOLDER as LORA_SUBFOLDER  # re-exported: the old home of the name
+from ..io.names import LORA_WEIGHTS_NAME as LORA_WEIGHTS_NAME
+from ..io.names import PROMPT_ADAPTER, SCHEDULER, UNET, VAE, VRE
 from ..models.lean_decode import DEFAULT_BAND_MB
-from ..models.lora import merge_lora_into
 from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder
-from ..utils.io import normalize_permissions, write_text_atomic
 from ..utils.logging import get_logger
-from ..weights import (
-    WeightsNotFoundError,
-    check_base_model_dir,
-    find_official_files,
-    load_lora_file,
-    load_official_adapter_state_dict,
-    load_official_vre,
-)
+from ..weights import check_base_model_dir, find_official_files, load_official_vre
 from .execution import ExecutionPlan
 from .output import OSDFacePipelineOutput
 
@@ -61,15 +53,6 @@ logger = get_logger(__name__)
 OutputType = Literal["pt", "np", "pil"]
 LatentMode = Literal["mode", "sample"]
 
-_COMPONENTS = {
-    "vae": ("diffusers", "AutoencoderKL"),
-    "unet": ("diffusers", "UNet2DConditionModel"),
-    "vre": ("osdface", "VisualPromptEncoder"),
-    "prompt_adapter": ("osdface", "PromptAdapter"),
-    "scheduler": ("diffusers", "DDIMScheduler"),
-}
-LORA_SUBFOLDER = "unet_lora"
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -417,6 +400,9 @@ class OSDFacePipeline:
                       vre_config: dict | None = None) -> OSDFacePipeline:
         """Load the official release: an SD 2.1-base diffusers folder + the OSDFace weights folder.
 
+        Reading and checking is :mod:`osdface.io.model_folders`' (:func:`~osdface.io.model_folders.check_base_model`,
+        :func:`~osdface.io.model_folders.read_official_adapter`, :func:`~osdface.io.model_folders.apply_lora`).
+
         Args:
             base_model: folder with ``scheduler/``, ``unet/``, ``vae/``.
             weights: folder with ``associate_2.ckpt``, ``embedding_change_weights.pth``,
@@ -438,34 +424,14 @@ class OSDFacePipeline:
             UnsafeCheckpointError: an official checkpoint references code.
             DeviceError: ``device`` is not available here.
         """
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
         base = check_base_model_dir(base_model)
         files = find_official_files(weights)
-        unet_cfg = _read_component_config(base, "unet")
-        vae_cfg = _read_component_config(base, "vae")
-        sched_cfg = _read_component_config(base, "scheduler")
-        check_unet_config(unet_cfg, base / "unet" / _CONFIG_NAMES["unet"])
-        check_vae_config(vae_cfg, base / "vae" / _CONFIG_NAMES["vae"])
-        n_train = check_scheduler_config(sched_cfg, base / "scheduler" / _CONFIG_NAMES["scheduler"])
-        if TIMESTEP >= n_train:
-            raise ModelFileError(f"{base / 'scheduler' / _CONFIG_NAMES['scheduler']}: num_train_timesteps = {n_train} "
-                                 f"does not include OSDFace's timestep {TIMESTEP}")
-        for field in ("in_channels", "out_channels"):
-            if unet_cfg[field] != vae_cfg["latent_channels"]:
-                raise ModelFileError(f"{base / 'unet' / 'config.json'}: {field} = {unet_cfg[field]} does not match the "
-                                     f"VAE's latent_channels = {vae_cfg['latent_channels']} ({base / 'vae' / 'config.json'})")
-        _check_declared_size(UNet2DConditionModel, unet_cfg, base, "unet", safetensors_only=False)
-        _check_declared_size(AutoencoderKL, vae_cfg, base, "vae", safetensors_only=False)
+        sd_base = check_base_model(base, safetensors_only=False, timestep=TIMESTEP)
         vre = load_official_vre(files.vre, vre_config)
-        unet = _load_component(UNet2DConditionModel, base, "unet", safetensors_only=False)
-        adapter = PromptAdapter(vre.config.embed_dim, unet.config.cross_attention_dim)
-        adapter.load_state_dict(load_official_adapter_state_dict(files.adapter, expected=adapter.state_dict()),
-                                strict=True)
-        _apply_lora(unet, files.lora, lora_alpha, fuse_lora)
-        vae = _load_component(AutoencoderKL, base, "vae", safetensors_only=False)
-        scheduler = _load_component(DDIMScheduler, base, "scheduler")
-        pipe = cls(vae, unet, vre, adapter, scheduler)
+        unet = sd_base.load(UNET)
+        adapter = read_official_adapter(files.adapter, vre.config.embed_dim, unet.config.cross_attention_dim)
+        apply_lora(unet, read_lora_file(files.lora, lora_alpha), fuse_lora)
+        pipe = cls(sd_base.load(VAE), unet, vre, adapter, sd_base.load(SCHEDULER))
         pipe.source = f"{base} + {files.lora.parent}"
         if device is not None or torch_dtype is not None:
             pipe.to(device, torch_dtype)
@@ -476,12 +442,12 @@ class OSDFacePipeline:
                         device: str | torch.device | None = None, fuse_lora: bool = True) -> OSDFacePipeline:
         """Load a model folder written by :meth:`save_pretrained` / ``osdface convert``.
 
-        Everything cheap is checked before anything is built: every JSON config is parsed and
-        checked against :data:`osdface.model_limits.LIMITS` and against the others (latent
-        channels, cross-attention width, token width, resolution, timestep); each component's
-        declared size (built on the ``meta`` device) must fit in its weights file; each
-        safetensors header must parse. After loading, the small weights (VRE, prompt adapter,
-        LoRA) are checked for NaN/Inf. Only safetensors files are ever read.
+        Everything cheap is checked before anything is built (:func:`osdface.io.model_folders.read_model_folder`):
+        every JSON config is parsed and checked against :data:`osdface.model_limits.LIMITS` and
+        against the others (latent channels, cross-attention width, token width, resolution,
+        timestep); each component's declared size (built on the ``meta`` device) must fit in its
+        weights file; each safetensors header must parse; the LoRA is checked for NaN/Inf. After
+        loading, the VRE and prompt adapter are checked for NaN/Inf. Only safetensors files are ever read.
 
         Raises:
             WeightsNotFoundError: no ``model_index.json``, or a component folder, config or
@@ -494,206 +460,24 @@ class OSDFacePipeline:
             DeviceError: ``device`` is not available here.
             ValueError: ``torch_dtype`` is not a known dtype name.
         """
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
-        path = Path(path).expanduser()
-        index_file = path / "model_index.json"
-        if not index_file.is_file():
-            raise WeightsNotFoundError(
-                f"{path} is not an osdface model folder (no model_index.json). Create one with "
-                "'osdface convert --base-model SD_DIR --weights OSDFACE_DIR -o MODEL_DIR', or pass "
-                "--base-model and --weights to use the official files directly."
-            )
-        index = read_config(index_file, "model index")
-        class_name = index.get("_class_name", "OSDFacePipeline")
-        if class_name != "OSDFacePipeline":
-            raise ModelFileError(
-                f"{index_file}: _class_name is {class_name!r}, not 'OSDFacePipeline'; this is not an osdface "
-                "model folder (an SD 2.1-base folder goes to --base-model, with --weights)"
-            )
-        missing = [name for name in _COMPONENTS if not (path / name).is_dir()]
-        missing += [f"{name}/{_CONFIG_NAMES[name]}" for name in _COMPONENTS
-                    if name not in missing and not (path / name / _CONFIG_NAMES[name]).is_file()]
-        missing += [f"{name}/{WEIGHTS_NAME}" for name in _WEIGHTED
-                    if (path / name).is_dir() and not (path / name / WEIGHTS_NAME).is_file()]
-        if missing:
-            raise WeightsNotFoundError(f"{path}: model folder is incomplete, missing {', '.join(missing)}")
-        configs = {name: (path / name / _CONFIG_NAMES[name], _read_component_config(path, name))
-                   for name in _COMPONENTS}
-        timestep, resolution = check_model_folder_configs(index, index_file, configs)
-        lora_file, lora_alpha = _lora_files(path)
-        for name, klass in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("vre", VisualPromptEncoder),
-                            ("prompt_adapter", PromptAdapter)):
-            _check_declared_size(klass, configs[name][1], path, name)
-
-        unet = _load_component(UNet2DConditionModel, path, "unet")
-        if lora_file is not None:
-            _apply_lora(unet, lora_file, lora_alpha, fuse_lora)
-        vre = _load_component(VisualPromptEncoder, path, "vre")
-        adapter = _load_component(PromptAdapter, path, "prompt_adapter")
-        for name, module in (("vre", vre), ("prompt_adapter", adapter)):
-            check_finite_weights(module.state_dict(), path / name / WEIGHTS_NAME)
-        pipe = cls(_load_component(AutoencoderKL, path, "vae"), unet, vre, adapter,
-                   _load_component(DDIMScheduler, path, "scheduler"), timestep=timestep, resolution=resolution)
-        pipe.source = str(path)
+        folder = read_model_folder(path)
+        unet = folder.load(UNET)
+        if folder.lora is not None:
+            apply_lora(unet, folder.lora, fuse_lora)
+        vre, adapter = folder.load(VRE), folder.load(PROMPT_ADAPTER)
+        pipe = cls(folder.load(VAE), unet, vre, adapter, folder.load(SCHEDULER), timestep=folder.timestep,
+                   resolution=folder.resolution)
+        pipe.source = str(folder.root)
         if device is not None or torch_dtype is not None:
             pipe.to(device, torch_dtype)
         return pipe
 
     def save_pretrained(self, path: str | os.PathLike, fuse_lora: bool = True) -> Path:
-        """Write a self-contained model folder (safetensors + JSON only).
+        """Write a self-contained model folder (safetensors + JSON only; :func:`osdface.io.model_folders.write_model_folder`).
 
         With an unmerged (peft) LoRA on the UNet, ``fuse_lora=True`` writes merged UNet weights;
         ``fuse_lora=False`` writes the base UNet plus ``unet_lora/`` (adapter + its config).
         """
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        for name in ("vae", "vre", "prompt_adapter"):
-            getattr(self, name).save_pretrained(path / name, safe_serialization=True)
-        self.scheduler.save_pretrained(path / "scheduler")
-        has_adapter = bool(getattr(self.unet, "peft_config", None))
-        if has_adapter and fuse_lora:
-            import copy
-
-            unet = copy.deepcopy(self.unet)
-            unet.fuse_lora()
-            _save_base_unet(unet, path / "unet")
-        elif has_adapter:
-            from peft import get_peft_model_state_dict
-
-            _save_base_unet(self.unet, path / "unet")
-            cfg = next(iter(self.unet.peft_config.values()))
-            lora_sd = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.unet).items()}
-            (path / LORA_SUBFOLDER).mkdir(exist_ok=True)
-            save_file(lora_sd, str(path / LORA_SUBFOLDER / LORA_WEIGHTS_NAME))
-            write_text_atomic(path / LORA_SUBFOLDER / "adapter_config.json", json.dumps(
-                {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
-                 "format": "peft", "key_prefix": "unet."}, indent=2))
-        else:
-            self.unet.save_pretrained(path / "unet", safe_serialization=True)
-        index = {"_class_name": "OSDFacePipeline", "_osdface_version": __import__("osdface").__version__,
-                 **{k: list(v) for k, v in _COMPONENTS.items()},
-                 "timestep": self.timestep, "resolution": self.resolution}
-        write_text_atomic(path / "model_index.json", json.dumps(index, indent=2))
-        normalize_permissions(path)  # safetensors writes 0600 files
-        return path
-
-
-def _save_base_unet(unet, folder: Path) -> None:
-    """Save a peft-wrapped UNet's base (or merged) weights under the plain diffusers key names."""
-    from safetensors.torch import save_file
-
-    sd = {}
-    for k, v in unet.state_dict().items():
-        if ".lora_" in k or "lora_magnitude" in k:
-            continue
-        sd[k.replace(".base_layer.", ".")] = v.detach().cpu().contiguous()
-    folder.mkdir(parents=True, exist_ok=True)
-    unet.save_config(folder)
-    save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-
-
-# ----------------------------------------------------------------------- model-folder loading
-#: the weights file of each module subfolder (diffusers' name; only safetensors are read)
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-_WEIGHTED = ("vae", "unet", "vre", "prompt_adapter")
-_CONFIG_NAMES = {"vae": "config.json", "unet": "config.json", "vre": "config.json", "prompt_adapter": "config.json",
-                 "scheduler": "scheduler_config.json"}
-_WHAT = {"vae": "VAE", "unet": "UNet", "vre": "visual prompt encoder", "prompt_adapter": "prompt adapter",
-         "scheduler": "scheduler"}
-#: what diffusers' loaders raise for a corrupted folder (bad JSON → OSError, size mismatch →
-#: ValueError/RuntimeError, missing config entries → KeyError/TypeError, unknown schedule →
-#: NotImplementedError, a RuntimeError)
-_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError)
-#: what building a diffusers class from a hostile config raises besides (``act_fn: 5`` →
-#: AttributeError from ``.lower()``, a too-short per-block list → IndexError)
-_BUILD_ERRORS = (*_LOAD_ERRORS, AttributeError, IndexError)
-
-
-def _reason(e: BaseException) -> str:
-    """First non-empty line of an exception's message (diffusers' messages run over several lines)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    text = lines[0] if lines else type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _read_component_config(root: Path, name: str) -> dict:
-    """``root/name/<config>.json`` parsed; :class:`ModelFileError` naming it when malformed."""
-    return read_config(root / name / _CONFIG_NAMES[name], f"{_WHAT[name]} config")
-
-
-def _check_declared_size(klass, cfg: dict, root: Path, name: str, safetensors_only: bool = True) -> None:
-    """The component declared by ``cfg`` must fit in its weights: built on the ``meta`` device (no
-    memory), its parameter count × 2 bytes (16-bit storage) may not exceed the bytes of its weight
-    files in ``root/name``; each safetensors header must parse. Run after the bounds check of ``cfg``.
-
-    ``safetensors_only=False`` (an SD 2.1-base download, which diffusers may read from ``.bin``)
-    also counts ``diffusion_pytorch_model*.bin`` files.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    folder = root / name
-    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
-    other = [] if safetensors_only else sorted(folder.glob("diffusion_pytorch_model*.bin"))
-    if not files and not other:
-        raise WeightsNotFoundError(f"{folder}: no {WEIGHTS_NAME} (only safetensors weights are read)"
-                                   if safetensors_only else f"{folder}: no diffusion_pytorch_model weights")
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                st.keys()
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ModelFileError(f"{f}: not a valid safetensors file ({_reason(e)})") from None
-    config_file = folder / _CONFIG_NAMES[name]
-    try:
-        with torch.device("meta"):
-            model = klass.from_config(cfg)
-    except _BUILD_ERRORS as e:
-        raise ModelFileError(f"{config_file}: cannot build the {_WHAT[name]} from it: {_reason(e)}") from e
-    numel = sum(p.numel() for p in model.parameters())
-    stored = sum(f.stat().st_size for f in files + other)
-    if numel * 2 > stored:
-        raise ModelFileError(
-            f"{config_file}: declares a {_WHAT[name]} of {numel} parameters (at least {numel * 2 / 2**20:.1f} MiB "
-            f"in 16 bits) but {folder} holds only {stored / 2**20:.1f} MiB of weights"
-        )
-
-
-def _load_component(klass, root: Path, name: str, safetensors_only: bool = True):
-    """``klass.from_pretrained(root, subfolder=name)``, local files (safetensors only unless told);
-    diffusers' errors (:data:`_LOAD_ERRORS`) become :class:`ModelFileError` naming the subfolder."""
-    kw: dict[str, Any] = {"local_files_only": True}
-    if name != "scheduler" and safetensors_only:
-        kw["use_safetensors"] = True
-    try:
-        return klass.from_pretrained(root, subfolder=name, **kw)
-    except OSDFaceError:
-        raise
-    except _LOAD_ERRORS as e:
-        raise ModelFileError(f"{root / name}: cannot load the {_WHAT[name]}: {_reason(e)}") from e
-
-
-def _lora_files(path: Path) -> tuple[Path | None, float | None]:
-    """``(weights file, lora_alpha)`` of a model folder's ``unet_lora/``, or ``(None, None)`` without one."""
-    lora_dir = path / LORA_SUBFOLDER
-    if not lora_dir.exists():
-        return None, None
-    weights, cfg_file = lora_dir / LORA_WEIGHTS_NAME, lora_dir / "adapter_config.json"
-    missing = [p.name for p in (weights, cfg_file) if not p.is_file()]
-    if missing:
-        raise WeightsNotFoundError(f"{lora_dir}: LoRA folder is incomplete, missing {', '.join(missing)}")
-    return weights, check_lora_config(read_config(cfg_file, "LoRA adapter config"), cfg_file)
-
-
-def _apply_lora(unet, lora_file: Path, lora_alpha: float | None, fuse: bool) -> None:
-    """Read a LoRA file, refuse NaN/Inf, then merge it into ``unet`` (or attach it via peft)."""
-    from ..models.lora import attach_lora
-
-    lora = load_lora_file(lora_file)
-    check_finite_weights(lora, lora_file)
-    if fuse:
-        merge_lora_into(unet, lora, lora_alpha=lora_alpha, source=str(lora_file))
-    else:
-        attach_lora(unet, lora, lora_alpha=lora_alpha, source=str(lora_file))
+        return write_model_folder(path, vae=self.vae, unet=self.unet, vre=self.vre,
+                                  prompt_adapter=self.prompt_adapter, scheduler=self.scheduler,
+                                  timestep=self.timestep, resolution=self.resolution, fuse_lora=fuse_lora)

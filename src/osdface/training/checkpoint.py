@@ -40,6 +40,7 @@ import yaml
 from torch import nn
 
 from ..errors import ModelFileError, OSDFaceError, WeightsNotFoundError
+from ..io.names import WEIGHTS_NAME as _WEIGHTS_NAME
 from ..utils.io import normalize_permissions, read_json, write_text_atomic
 from ..utils.logging import get_logger
 
@@ -373,16 +374,14 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
         shutil.rmtree(old)
 
 
-#: what diffusers' ``from_config`` / ``from_pretrained`` raise for a malformed folder
-_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError)
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_NAME = _WEIGHTS_NAME  # re-exported: the old home of the name (file names live in osdface.io.names)
 
 
 def load_module_folder(klass, folder: str | Path, what: str,
                        check: Callable[[dict[str, Any], Path], None] | None = None,
                        config_name: str = "config.json", weights: bool = True):
     """``klass.from_pretrained(folder)`` for a folder of a user (a checkpoint component, a base model
-    part), checked before anything is allocated.
+    part), checked before anything is allocated: :func:`osdface.io.model_folders.load_module_folder`.
 
     The config is parsed and passed to ``check`` (bounds, e.g. from :mod:`osdface.model_limits`);
     with ``weights``, the safetensors header must parse and the module the config declares (built
@@ -394,44 +393,9 @@ def load_module_folder(klass, folder: str | Path, what: str,
         ModelFileError: naming the file: malformed config, out of bounds, too large for its weights,
             not valid safetensors, or diffusers cannot load it.
     """
-    from safetensors import SafetensorError, safe_open
+    from ..io.model_folders import load_module_folder as _load
 
-    folder = Path(folder)
-    config_file = folder / config_name
-    if not config_file.is_file():
-        raise WeightsNotFoundError(f"{config_file}: {what} config not found")
-    cfg = read_json(config_file, what=f"{what} config")
-    if not isinstance(cfg, dict):
-        raise ModelFileError(f"{config_file}: the {what} config must be a JSON object")
-    if check is not None:
-        check(cfg, config_file)
-    if weights:
-        weights_file = folder / WEIGHTS_NAME
-        if not weights_file.is_file():
-            raise WeightsNotFoundError(f"{weights_file}: {what} weights not found")
-        try:
-            with safe_open(str(weights_file), framework="pt") as st:
-                st.keys()
-        except (SafetensorError, *_LOAD_ERRORS) as e:
-            raise ModelFileError(f"{weights_file}: not a valid safetensors file ({_reason(e)})") from None
-        try:
-            with torch.device("meta"):
-                declared = sum(p.numel() for p in klass.from_config(cfg).parameters())
-        except _LOAD_ERRORS as e:
-            raise ModelFileError(f"{config_file}: cannot build the {what} from it ({_reason(e)})") from e
-        stored = weights_file.stat().st_size
-        if declared * 2 > stored:
-            raise ModelFileError(f"{config_file}: declares a {what} of {declared} parameters, more than "
-                                 f"{weights_file.name} ({stored} bytes) can hold")
-    kw: dict[str, Any] = {"local_files_only": True}
-    if weights:
-        kw["use_safetensors"] = True
-    try:
-        return klass.from_pretrained(folder, **kw)
-    except OSDFaceError:
-        raise
-    except _LOAD_ERRORS as e:
-        raise ModelFileError(f"{folder}: cannot load the {what} ({_reason(e)})") from e
+    return _load(klass, folder, what, check=check, config_name=config_name, weights=weights)
 
 
 def load_extra_tensors(ckpt: str | Path) -> dict[str, torch.Tensor]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from ..losses.pixel import MSELoss
 from ..models.latent_discriminator import DEFAULT_DISC_LORA_TARGETS, LatentDiscriminator
 from ..models.lora import DEFAULT_UNET_LORA_TARGETS
 from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder
-from ..utils.io import atomic_path, normalize_permissions, write_text_atomic
+from ..utils.io import atomic_path, normalize_permissions
 from ..utils.logging import get_logger
 from .checkpoint import load_module_folder, resolve_checkpoint
 from .config import ConfigError, DataConfig, TrainConfig, check_bounds, dump_yaml, load_config
@@ -279,25 +278,16 @@ def load_vre(path: str | os.PathLike) -> VisualPromptEncoder:
 
 def load_base_model(base_model: str | os.PathLike) -> dict[str, Any]:
     """``{"unet", "vae", "scheduler"}`` of a Stable Diffusion 2.1-base diffusers folder, each config
-    checked against :mod:`osdface.model_limits` (and each declared size against its weights) first.
+    checked against :mod:`osdface.model_limits` (and each declared size against its weights) first;
+    only safetensors weights are read (:func:`osdface.io.model_folders.load_base_model`).
 
     Raises:
         WeightsNotFoundError: a subfolder, config or weights file is missing.
         ModelFileError: a malformed or implausible config or weights file (named).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from ..io.model_folders import load_base_model as _load_base_model
 
-    from ..model_limits import check_scheduler_config, check_unet_config, check_vae_config
-    from ..weights import check_base_model_dir
-
-    base = check_base_model_dir(base_model)
-    return {
-        "unet": load_module_folder(UNet2DConditionModel, base / "unet", "UNet", check=check_unet_config),
-        "vae": load_module_folder(AutoencoderKL, base / "vae", "VAE", check=check_vae_config),
-        "scheduler": load_module_folder(DDIMScheduler, base / "scheduler", "scheduler",
-                                        check=check_scheduler_config, config_name="scheduler_config.json",
-                                        weights=False),
-    }
+    return _load_base_model(base_model, safetensors_only=True)
 
 
 def load_components(cfg: GeneratorModelConfig) -> dict[str, Any]:
@@ -311,22 +301,24 @@ def load_components(cfg: GeneratorModelConfig) -> dict[str, Any]:
         ModelFileError / UnsafeCheckpointError / LoraFormatError: a malformed, implausible or
             unsafe file (the message names it).
     """
-    from ..weights import find_official_files, load_lora_file, load_official_adapter_state_dict
+    from ..io.model_folders import read_lora_file, read_official_adapter
+    from ..io.names import OFFICIAL_VRE_FILE
+    from ..weights import find_official_files
 
     if not cfg.base_model:
         raise WeightsNotFoundError("no base model: pass --base-model SD_DIR (the Stable Diffusion 2.1-base "
                                    "diffusers folder with scheduler/, unet/, vae/) or set model.base_model")
     if not cfg.vre and not cfg.weights:
-        raise WeightsNotFoundError("no VRE: pass --vre PATH (stage-1 export or associate_2.ckpt) to train from "
+        raise WeightsNotFoundError(f"no VRE: pass --vre PATH (stage-1 export or {OFFICIAL_VRE_FILE}) to train from "
                                    "scratch, or --weights OSDFACE_DIR to fine-tune the official release")
     out: dict[str, Any] = {**load_base_model(cfg.base_model), "prompt_adapter": None, "lora": None,
                            "lora_source": None}
     if cfg.weights:
         files = find_official_files(cfg.weights)
         vre = load_vre(cfg.vre or files.vre)
-        adapter = PromptAdapter(vre.config.embed_dim, out["unet"].config.cross_attention_dim)
-        adapter.load_state_dict(load_official_adapter_state_dict(files.adapter, expected=adapter.state_dict()))
-        out.update(vre=vre, prompt_adapter=adapter, lora=load_lora_file(files.lora), lora_source=str(files.lora))
+        adapter = read_official_adapter(files.adapter, vre.config.embed_dim, out["unet"].config.cross_attention_dim)
+        lora = read_lora_file(files.lora)
+        out.update(vre=vre, prompt_adapter=adapter, lora=lora.state_dict, lora_source=str(lora.file))
         logger.info("fine-tuning the official release in %s", cfg.weights)
     else:
         out["vre"] = load_vre(cfg.vre)
@@ -335,29 +327,26 @@ def load_components(cfg: GeneratorModelConfig) -> dict[str, Any]:
 
 class LoraFolder:
     """Checkpoint view of the UNet's peft LoRA: ``save_pretrained`` writes the official PEFT keys
-    (``unet.<module>.lora_A.weight``) + ``adapter_config.json`` (the pipeline's ``unet_lora/`` layout)."""
+    (``unet.<module>.lora_A.weight``, float32) + ``adapter_config.json`` (the pipeline's ``unet_lora/``
+    layout; :func:`osdface.io.model_folders.write_lora_folder`)."""
 
     def __init__(self, unet):
         self.unet = unet
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        from peft import get_peft_model_state_dict
+        from ..io.model_folders import lora_state_dict
 
-        return {f"unet.{k}": v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(self.unet).items()}
+        return lora_state_dict(self.unet, torch.float32)
 
     def config(self) -> dict[str, Any]:
-        cfg = next(iter(self.unet.peft_config.values()))
-        return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules),
-                "format": "peft", "key_prefix": "unet."}
+        from ..io.model_folders import lora_adapter_config
+
+        return lora_adapter_config(self.unet)
 
     def save_pretrained(self, folder: str | os.PathLike, safe_serialization: bool = True) -> None:
-        from safetensors.torch import save_file
+        from ..io.model_folders import write_lora_folder
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / LORA_WEIGHTS_NAME) as tmp:
-            save_file(self.state_dict(), str(tmp), metadata={"format": "pt"})
-        write_text_atomic(folder / LORA_CONFIG_NAME, json.dumps(self.config(), indent=2))
+        write_lora_folder(folder, self.unet, torch.float32)
 
 
 class DiscriminatorFolder:
@@ -916,30 +905,26 @@ def export_generator(run_or_checkpoint: str | os.PathLike, out_dir: str | os.Pat
         OutputPathError: ``official_dir`` already holds official-layout files.
     """
     from ..errors import OutputPathError
-    from ..model_limits import check_adapter_config, check_finite_weights, check_lora_config, read_config
-    from ..models.lora import attach_lora, merge_lora_into
+    from ..io.model_folders import apply_lora, official_layout_taken, read_lora_folder, write_official_layout
+    from ..io.names import LORA_SUBFOLDER, PROMPT_ADAPTER, VRE
+    from ..model_limits import check_adapter_config
     from ..pipelines.pipeline_osdface import OSDFacePipeline
-    from ..safe_load import load_safetensors
 
     ckpt = resolve_checkpoint(run_or_checkpoint)
-    missing = [n for n in ("unet_lora", "prompt_adapter", "vre") if not (ckpt / n).is_dir()]
+    missing = [n for n in (LORA_SUBFOLDER, PROMPT_ADAPTER, VRE) if not (ckpt / n).is_dir()]
     if missing:
         hint = " (a stage-1 run? its VRE is in RUN/export/vre)" if (ckpt / "vqgan_lq").is_dir() else ""
         raise WeightsNotFoundError(f"{ckpt} is not a stage-2 generator checkpoint: missing "
                                    f"{', '.join(missing)}/{hint}")
     if official_dir is not None:
-        taken = [n for n in (OFFICIAL_VRE_NAME, OFFICIAL_ADAPTER_NAME, OFFICIAL_LORA_NAME)
-                 if (Path(official_dir) / n).exists()]
+        taken = official_layout_taken(official_dir)
         if taken:
             raise OutputPathError(f"{official_dir} already holds {', '.join(taken)}; choose another folder for "
                                   "--official-layout (existing release files are never overwritten)")
     cfg = load_generator_config(ckpt / "config.yaml")
-    lora_file, lora_cfg_file = ckpt / "unet_lora" / LORA_WEIGHTS_NAME, ckpt / "unet_lora" / LORA_CONFIG_NAME
-    lora_alpha = check_lora_config(read_config(lora_cfg_file, "LoRA adapter config"), lora_cfg_file)
-    lora = load_safetensors(lora_file, what="LoRA")
-    check_finite_weights(lora, lora_file)
-    vre = load_vre_folder(ckpt / "vre")
-    adapter = load_module_folder(PromptAdapter, ckpt / "prompt_adapter", "prompt adapter", check=check_adapter_config)
+    lora = read_lora_folder(ckpt / LORA_SUBFOLDER)
+    vre = load_vre_folder(ckpt / VRE)
+    adapter = load_module_folder(PromptAdapter, ckpt / PROMPT_ADAPTER, "prompt adapter", check=check_adapter_config)
     pipe = None
     if out_dir is not None:
         base = base_model or cfg.model.base_model
@@ -947,10 +932,7 @@ def export_generator(run_or_checkpoint: str | os.PathLike, out_dir: str | os.Pat
             raise WeightsNotFoundError(f"{ckpt}: the run records no base model; pass --base-model SD_DIR")
         parts = load_base_model(base)
         unet = parts["unet"]
-        if fuse_lora:
-            merge_lora_into(unet, lora, lora_alpha=lora_alpha, source=str(lora_file))
-        else:
-            attach_lora(unet, lora, lora_alpha=lora_alpha, source=str(lora_file))
+        apply_lora(unet, lora, fuse_lora)
         pipe = OSDFacePipeline(parts["vae"], unet, vre, adapter, parts["scheduler"], timestep=cfg.model.timestep)
         if dtype not in (None, "fp32"):
             pipe.to(dtype=dtype)
@@ -960,7 +942,7 @@ def export_generator(run_or_checkpoint: str | os.PathLike, out_dir: str | os.Pat
         normalize_permissions(out_dir)
         logger.info("exported %s to %s", ckpt, out_dir)
     if official_dir is not None:
-        result["official"] = write_official_layout_files(vre, adapter, lora, official_dir)
+        result["official"] = write_official_layout(vre, adapter, lora.state_dict, official_dir)
     return result
 
 
