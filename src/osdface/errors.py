@@ -38,3 +38,6 @@ class DeviceError(OSDFaceError, RuntimeError):
 class OutputPathError(OSDFaceError, ValueError):
     """An output path would overwrite an input, another output, or escape the output folder."""
 
+
+class InvalidSettingError(OSDFaceError, ValueError):
+    """An option or setting has an impossible value (an unknown name, a combination that cannot work)."""

@@ -6,7 +6,6 @@ import re
 import sys
 from pathlib import Path
 
-from ..errors import OSDFaceError
 from .common import (
     CLIError,
     add_overwrite_arg,
@@ -91,12 +90,7 @@ def run(args) -> int:
         report_error(msg)
     if not files:
         return 1 if problems else 0
-    try:
-        detector = create_detector(args.detector, weights=args.detector_weights, score_threshold=args.det_threshold)
-    except OSDFaceError:
-        raise
-    except (ValueError, RuntimeError) as e:  # unknown detector name, OpenCV cannot load the model
-        raise CLIError(str(e)) from e
+    detector = create_detector(args.detector, weights=args.detector_weights, score_threshold=args.det_threshold)
     clean_output_dirs(out_dir)
     failed, n_faces, report = len(problems), 0, []
     for src in tqdm(files, desc="align", unit="photo", disable=None):

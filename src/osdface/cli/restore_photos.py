@@ -10,8 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import OSDFaceError
-from .common import CLIError, report_error
+from .common import report_error
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 
@@ -120,12 +119,7 @@ def restore_photos(pipe, jobs: list[tuple[Path, Path]], args: argparse.Namespace
 
     from ..image import ImageError, read_image, save_image
 
-    try:
-        restorer = build_restorer(pipe, args)
-    except OSDFaceError:
-        raise
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # face-layer set-up errors not yet OSDFaceErrors
-        raise CLIError(str(e)) from e
+    restorer = build_restorer(pipe, args)  # set-up errors are OSDFaceErrors: one line, exit 2 (cli.main)
     photos = [(s, d) for s, d in jobs if s.suffix.lower() not in VIDEO_EXTENSIONS]
     videos = [(s, d) for s, d in jobs if s.suffix.lower() in VIDEO_EXTENSIONS]
     if report is None:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidSettingError
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -46,7 +47,7 @@ class ResizeUpsampler:
 
     def __init__(self, name: str = "lanczos") -> None:
         if name not in INTERPOLATIONS:
-            raise ValueError(f"unknown interpolation {name!r}; choose from {list(INTERPOLATIONS)}")
+            raise InvalidSettingError(f"unknown interpolation {name!r}; choose from {list(INTERPOLATIONS)}")
         self.name = name
 
     def __call__(self, rgb: np.ndarray, scale: float) -> np.ndarray:
@@ -95,7 +96,7 @@ class RRDBNet(nn.Module):
                  num_block: int = 23, num_grow_ch: int = 32) -> None:
         super().__init__()
         if scale not in (1, 2, 4):
-            raise ValueError(f"RRDBNet scale must be 1, 2 or 4, got {scale}")
+            raise InvalidSettingError(f"RRDBNet scale must be 1, 2 or 4, got {scale}")
         self.scale = scale
         unshuffle = {4: 1, 2: 2, 1: 4}[scale]
         self.unshuffle = unshuffle
@@ -123,39 +124,29 @@ def load_rrdbnet(path: str | os.PathLike, scale: int | None = None) -> RRDBNet:
     The scale comes from ``conv_first``'s input channels (3 → ×4, 12 → ×2, 48 → ×1) and the
     block count from the keys, unless given.
     """
-    from ..safe_load import load_torch_checkpoint
+    from ..errors import ModelFileError, WeightsNotFoundError
+    from ..io.state_dicts import load_checked, unwrap_state_dict
+    from ..safe_load import load_safetensors, load_torch_checkpoint
 
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"background upsampler weights not found: {path} (e.g. Real-ESRGAN's RealESRGAN_x2plus.pth); "
             "osdface never downloads"
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-    else:
-        sd = load_torch_checkpoint(path)
-    for key in ("params_ema", "params", "state_dict"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict) or "conv_first.weight" not in sd:
-        raise ValueError(f"{path}: not an RRDBNet (Real-ESRGAN) state dict (no conv_first.weight)")
+    raw = load_safetensors(path, "Real-ESRGAN") if path.suffix == ".safetensors" else load_torch_checkpoint(path)
+    sd = unwrap_state_dict(raw, path)
+    if "conv_first.weight" not in sd or not any(k.startswith("body.") for k in sd):
+        raise ModelFileError(f"{path}: not an RRDBNet (Real-ESRGAN) state dict (no conv_first.weight / body.*)")
     in_ch = sd["conv_first.weight"].shape[1]
     if scale is None:
         scale = {3: 4, 12: 2, 48: 1}.get(in_ch)
         if scale is None:
-            raise ValueError(f"{path}: cannot infer the scale from conv_first with {in_ch} input channels")
+            raise ModelFileError(f"{path}: cannot infer the scale from conv_first with {in_ch} input channels")
     num_block = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("body."))
     net = RRDBNet(scale=scale, num_feat=sd["conv_first.weight"].shape[0], num_block=num_block,
                   num_grow_ch=sd["body.0.rdb1.conv1.weight"].shape[0])
-    try:
-        net.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: RRDBNet weights do not fit ({str(e).splitlines()[0]})") from None
-    return net.eval()
+    return load_checked(net, sd, path, "RRDBNet weights of the inferred size").eval()
 
 
 class ModelUpsampler:
@@ -224,4 +215,5 @@ def create_bg_upsampler(spec: str | None = "lanczos", device: str | None = None,
         return ResizeUpsampler(spec or "lanczos")
     if spec.endswith((".pth", ".pt", ".safetensors")) or os.sep in spec or Path(spec).expanduser().exists():
         return ModelUpsampler.from_file(spec, device=device, tile=tile)
-    raise ValueError(f"unknown background upsampler {spec!r}; choose from {list(INTERPOLATIONS)} or give a .pth file")
+    raise InvalidSettingError(f"unknown background upsampler {spec!r}; choose from {list(INTERPOLATIONS)} "
+                              "or give a .pth file")

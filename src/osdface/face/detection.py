@@ -28,7 +28,7 @@ from typing import Protocol, runtime_checkable
 import cv2
 import numpy as np
 
-from ..errors import WeightsNotFoundError
+from ..errors import InvalidSettingError, ModelFileError, OSDFaceError, WeightsNotFoundError
 from ..utils.logging import get_logger
 from .types import Detection
 
@@ -103,7 +103,8 @@ class YuNetDetector:
     def __init__(self, model_path: str | os.PathLike | None = None, score_threshold: float = 0.6,
                  nms_threshold: float = 0.3, max_side: int = 2560, top_k: int = 5000) -> None:
         if not hasattr(cv2, "FaceDetectorYN"):
-            raise RuntimeError(f"OpenCV {cv2.__version__} has no FaceDetectorYN; install opencv-python-headless>=4.8,<5")
+            raise OSDFaceError(f"OpenCV {cv2.__version__} has no FaceDetectorYN; "
+                               "install opencv-python-headless>=4.8,<5")
         self.model_path = Path(model_path).expanduser() if model_path else find_yunet_model()
         if not self.model_path.is_file():
             raise DetectorWeightsNotFoundError(f"YuNet model file not found: {self.model_path}")
@@ -113,7 +114,7 @@ class YuNetDetector:
             self._net = cv2.FaceDetectorYN.create(str(self.model_path), "", (320, 320), self.score_threshold,
                                                   self.nms_threshold, self.top_k)
         except cv2.error as e:
-            raise RuntimeError(f"{self.model_path}: OpenCV cannot load this YuNet model ({e.msg.strip()}); "
+            raise ModelFileError(f"{self.model_path}: OpenCV cannot load this YuNet model ({e.msg.strip()}); "
                                "OpenCV 5 cannot read the int8 model, use opencv-python-headless<5") from None
 
     def __call__(self, rgb: np.ndarray) -> list[Detection]:
@@ -166,7 +167,7 @@ class RetinaFaceDetector:
         from .retinaface import RETINAFACE_CONFIGS, load_retinaface
 
         if network not in RETINAFACE_CONFIGS:
-            raise ValueError(f"unknown RetinaFace network {network!r}; choose from {sorted(RETINAFACE_CONFIGS)}")
+            raise InvalidSettingError(f"unknown RetinaFace network {network!r}; choose from {sorted(RETINAFACE_CONFIGS)}")
         self.network = network
         self.name = f"retinaface_{'mobile0.25' if network == 'mobilenet0.25' else network}"
         if net is None:
@@ -244,7 +245,7 @@ def create_detector(name: str = DEFAULT_DETECTOR, weights: str | os.PathLike | N
         DetectorWeightsNotFoundError: the weight file is missing (message says where to put it).
     """
     if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; choose from {list(DETECTORS)}")
+        raise InvalidSettingError(f"unknown detector {name!r}; choose from {list(DETECTORS)}")
     if score_threshold is not None:
         kwargs["score_threshold"] = score_threshold
     if nms_threshold is not None:

@@ -109,24 +109,17 @@ class ParseNet(nn.Module):
 
 def load_parsenet(path: str | Path) -> ParseNet:
     """Build :class:`ParseNet` (512) and load facexlib's ``parsing_parsenet.pth`` (``weights_only``)."""
+    from ..errors import WeightsNotFoundError
+    from ..io.state_dicts import load_checked, unwrap_state_dict
     from ..safe_load import load_torch_checkpoint
 
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"face-parsing model not found: {path}. Put facexlib's {PARSENET_FILE} there; osdface never downloads."
         )
-    sd = load_torch_checkpoint(path)
-    for key in ("params_ema", "params", "state_dict"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
-    net = ParseNet()
-    try:
-        net.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: not a ParseNet state dict ({str(e).splitlines()[0]})") from None
-    return net.eval()
+    sd = unwrap_state_dict(load_torch_checkpoint(path), path)
+    return load_checked(ParseNet(), sd, path, "a ParseNet state dict").eval()
 
 
 class FaceParser:

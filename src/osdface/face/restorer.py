@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from ..color import get_color_fix
+from ..errors import InvalidSettingError
 from ..image import LoadedImage
 from ..utils.logging import get_logger
 from .alignment import estimate_affine, invert_affine, warp_face
@@ -115,9 +116,9 @@ class FaceRestorer:
                  latent: str = "mode", seed: int | None = None, mask_erode: float = 0.04,
                  mask_feather: float = 0.10, border: str = "constant") -> None:
         if upscale < 1:
-            raise ValueError(f"upscale must be >= 1, got {upscale}")
+            raise InvalidSettingError(f"upscale must be >= 1, got {upscale}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InvalidSettingError(f"batch_size must be >= 1, got {batch_size}")
         self.pipeline = pipeline
         self.detector = create_detector(detector) if isinstance(detector, str) else detector
         self.upscale = float(upscale)

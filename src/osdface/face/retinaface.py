@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidSettingError
+
 #: Per-network settings (anchor sizes per level, strides, box variances, trunk widths).
 RETINAFACE_CONFIGS = {
     "resnet50": {"min_sizes": ((16, 32), (64, 128), (256, 512)), "steps": (8, 16, 32), "variance": (0.1, 0.2),
@@ -161,7 +163,7 @@ class RetinaFaceNet(nn.Module):
     def __init__(self, network: str = "resnet50") -> None:
         super().__init__()
         if network not in RETINAFACE_CONFIGS:
-            raise ValueError(f"unknown RetinaFace network {network!r}; choose from {sorted(RETINAFACE_CONFIGS)}")
+            raise InvalidSettingError(f"unknown RetinaFace network {network!r}; choose from {sorted(RETINAFACE_CONFIGS)}")
         self.network = network
         cfg = RETINAFACE_CONFIGS[network]
         self.body = _ResNet50Trunk() if network == "resnet50" else _MobileNetV1Trunk()
@@ -233,22 +235,14 @@ def load_retinaface(path: str | Path, network: str | None = None) -> RetinaFaceN
     The network is guessed from the file name (``mobilenet`` → MobileNet-0.25) unless given.
     A ``module.`` prefix (DataParallel) is stripped.
     """
+    from ..errors import WeightsNotFoundError
+    from ..io.state_dicts import load_checked, unwrap_state_dict
     from ..safe_load import load_torch_checkpoint
 
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(path)
+        raise WeightsNotFoundError(f"{path}: RetinaFace weight file not found")
     if network is None:
         network = "mobilenet0.25" if "mobilenet" in path.name.lower() else "resnet50"
-    sd = load_torch_checkpoint(path)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
-    net = RetinaFaceNet(network)
-    try:
-        net.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: not a RetinaFace-{network} state dict ({str(e).splitlines()[0]})") from None
-    return net.eval()
+    sd = unwrap_state_dict(load_torch_checkpoint(path), path)
+    return load_checked(RetinaFaceNet(network), sd, path, f"a RetinaFace-{network} state dict").eval()
