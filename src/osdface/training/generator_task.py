@@ -41,6 +41,7 @@ from torch import nn
 
 from ..errors import ModelFileError
 from ..image import to_model_range
+from ..io.names import LORA_SUBFOLDER
 from ..losses.bundle import LossBundle, build_loss, loss_input_range
 from ..models.latent_discriminator import LatentDiscriminator
 from ..models.prompt_encoder import PromptAdapter
@@ -458,7 +459,7 @@ class GeneratorTask(GANTask):
 
     def checkpoint_modules(self):
         g = self.gen_module
-        mods: dict[str, Any] = {"unet_lora": LoraFolder(g.unet), "prompt_adapter": g.prompt_adapter,
+        mods: dict[str, Any] = {LORA_SUBFOLDER: LoraFolder(g.unet), "prompt_adapter": g.prompt_adapter,
                                 "vre": self.pipe.vre}
         if self.disc is not None:
             mods["discriminator"] = DiscriminatorFolder(self.disc_module)
