@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .io.names import OFFICIAL_ADAPTER_FILE, OFFICIAL_LORA_FILE, OFFICIAL_VRE_FILE
 from .models.prompt_encoder import PromptAdapter, VisualPromptEncoder
 
 TINY_RESOLUTION = 64
@@ -167,9 +168,9 @@ def write_official_layout(root: str | os.PathLike, seed: int = 0) -> tuple[Path,
         "state_dict": sd,
         "hyper_parameters": argparse.Namespace(n_embed=16, embed_dim=32, lr=4.5e-6),
     }
-    torch.save(ckpt, weights / "associate_2.ckpt")
-    torch.save(c["prompt_adapter"].state_dict(), weights / "embedding_change_weights.pth")
-    save_file(tiny_lora_state_dict(c["unet"], seed), str(weights / "pytorch_lora_weights.safetensors"))
+    torch.save(ckpt, weights / OFFICIAL_VRE_FILE)
+    torch.save(c["prompt_adapter"].state_dict(), weights / OFFICIAL_ADAPTER_FILE)
+    save_file(tiny_lora_state_dict(c["unet"], seed), str(weights / OFFICIAL_LORA_FILE))
     return base, weights
 
 

@@ -245,6 +245,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def load_pipeline_from_args(args):
     """Build the pipeline from --model / --base-model+--weights / the default locations."""
+    from ..io.names import MODEL_INDEX
     from ..pipelines.pipeline_osdface import OSDFacePipeline, resolve_device
     from ..weights import (
         OFFICIAL_FILES,
@@ -270,7 +271,7 @@ def load_pipeline_from_args(args):
         if args.base_model:
             return OSDFacePipeline.from_official(args.base_model, args.weights, torch_dtype=dtype, device=device,
                                                  fuse_lora=args.fuse_lora)
-        if (default_model_dir() / "model_index.json").is_file():
+        if (default_model_dir() / MODEL_INDEX).is_file():
             return OSDFacePipeline.from_pretrained(default_model_dir(), torch_dtype=dtype, device=device,
                                                    fuse_lora=args.fuse_lora)
         return OSDFacePipeline.from_official(default_base_model_dir(), default_official_dir(), torch_dtype=dtype,
