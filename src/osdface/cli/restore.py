@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from pathlib import Path
@@ -218,7 +219,8 @@ def restore_aligned(pipe, jobs: list[tuple[Path, Path]], args: argparse.Namespac
                 except (OSError, ImageError) as e:
                     report_error(f"{src}: cannot write {dst}: {e}")
                     failed += 1
-        except Exception as e:  # a model failure affects the whole batch; report each file
+        except Exception as e:  # noqa: BLE001 - a model failure fails this batch's inputs; the rest still run
+            logging.getLogger("osdface.cli.restore").debug("batch of %d failed", len(srcs), exc_info=True)  # -v
             for s in srcs:
                 report_error(f"{s}: restoration failed: {e}")
             failed += len(srcs)

@@ -277,7 +277,8 @@ class FaceRestorer:
                     continue
                 try:
                     yield self.finish(e["prepared"], e["restored"])
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - reported per photo; traceback with -v
+                    logger.debug("finishing a photo failed", exc_info=True)
                     yield exc
 
         for item in images:
@@ -290,7 +291,8 @@ class FaceRestorer:
                     entry["prepared"] = prepared
                     entry["restored"] = [None] * len(prepared.faces)
                     pending.extend((entry, i) for i in range(len(prepared.faces)))
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - reported per photo; traceback with -v
+                    logger.debug("preparing a photo failed", exc_info=True)
                     entry["error"] = exc
             queue.append(entry)
             while len(pending) >= self.batch_size:

@@ -44,7 +44,7 @@ def find_ffmpeg() -> str | None:
 
         exe = imageio_ffmpeg.get_ffmpeg_exe()
         return exe if exe and Path(exe).is_file() else None
-    except Exception:  # noqa: BLE001 - not installed, or its binary is missing
+    except (ImportError, RuntimeError, OSError):  # not installed, or its binary is missing
         return None
 
 
@@ -274,7 +274,8 @@ def restore_video(restorer, src: str | os.PathLike, dst: str | os.PathLike, smoo
                 frame_dets.append(dets)
                 originals[i] = frame
                 yield restorer.prepare(frame, dets)
-            except Exception as e:  # noqa: BLE001 - keep the frame, report at the end
+            except Exception as e:  # noqa: BLE001 - keep the frame, report at the end; traceback with -v
+                logger.debug("frame %d could not be prepared", i, exc_info=True)
                 frame_dets.append([])
                 originals[i] = frame
                 yield e
