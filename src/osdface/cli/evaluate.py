@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..errors import OSDFaceError
 from .common import CLIError, add_overwrite_arg, check_name_part, check_output_files, report_error
 
 DEFAULT_METRICS = "psnr,ssim,lpips,dists,niqe"
@@ -78,10 +79,9 @@ def _images(option: str, folder: str) -> list[Path]:
     """The images an evaluation reads from ``folder`` (named by ``option``); a missing folder is a usage error."""
     from ..evaluation.folder import list_images
 
-    try:
-        return list_images(folder)
-    except FileNotFoundError:
-        raise CLIError(f"{folder}: no such folder ({option})") from None
+    if not Path(folder).is_dir():
+        raise CLIError(f"{folder}: no such folder ({option})")
+    return list_images(folder)
 
 
 def _report_outputs(label: str, out: str | Path) -> list[tuple[str, Path]]:
@@ -121,16 +121,13 @@ def run(args) -> int:
         inputs += _images("--lq", args.lq)
     named = _report_outputs("--out", args.out) + ([("--compare", args.compare)] if args.compare else [])
     out, *_ = check_output_files(named, inputs=inputs, overwrite=args.overwrite)
-    try:
-        report = evaluate_folder(
-            args.pred, args.gt, metrics, device=_device(args.device), weights_dir=args.weights_dir,
-            batch_size=args.batch_size, fid_stats=args.fid_stats, use_fid_cache=not args.no_fid_cache,
-            progress=not args.no_progress,
-        )
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        # set-up problems the metric modules report with builtin errors (a metric needs --gt, a
-        # malformed weight or --fid-stats file, no images); OSDFaceErrors propagate by themselves
-        raise CLIError(str(e)) from e
+    # set-up problems (a metric needs --gt, a missing or malformed weight or --fid-stats file, no
+    # images) are OSDFaceErrors: osdface.cli.main prints them
+    report = evaluate_folder(
+        args.pred, args.gt, metrics, device=_device(args.device), weights_dir=args.weights_dir,
+        batch_size=args.batch_size, fid_stats=args.fid_stats, use_fid_cache=not args.no_fid_cache,
+        progress=not args.no_progress,
+    )
     report.meta["method"] = Path(args.pred).name
     paths = report.save(out)
     print(report.to_markdown(Path(args.pred).name))
@@ -176,10 +173,7 @@ def run_table(args) -> int:
     metrics = _parse_metrics(args.metrics or default)
     if args.table == "2" and not args.gt:
         metrics = [m for m in metrics if m == "fid" or not _is_fr(m)]
-    try:
-        built = {m: create_metric(m, device=device, weights_dir=args.weights_dir) for m in metrics}
-    except (ValueError, NotImplementedError) as e:  # a malformed weight file (builtin errors of the metric modules)
-        raise CLIError(str(e)) from e
+    built = {m: create_metric(m, device=device, weights_dir=args.weights_dir) for m in metrics}
     reports, failed = {}, 0
     for name, folder in methods.items():
         try:
@@ -190,7 +184,7 @@ def run_table(args) -> int:
             )
             reports[name].meta["method"] = name
             failed += bool(reports[name].problems)
-        except (ValueError, FileNotFoundError) as e:
+        except OSDFaceError as e:  # this method's folder (missing, no images, ...); the others still run
             report_error(f"{name}: {e}")
             failed += 1
     if not reports:

@@ -29,11 +29,8 @@ def run(args) -> int:
 
     if args.weights_command == "install":
         only = [s.strip() for s in args.only.split(",")] if args.only else None
-        try:
-            results = install_weights(args.dir, only=only, force=args.force, allow_download=not args.no_download)
-        except KeyError as e:
-            print(f"osdface: error: {e.args[0]}")
-            return 2
+        # an unknown --only name is an InvalidSettingError: osdface.cli.main prints it, exit 2
+        results = install_weights(args.dir, only=only, force=args.force, allow_download=not args.no_download)
         for key, status in results.items():
             print(f"{key:14s} {status}")
         failed = sum(v.startswith("failed") for v in results.values())

@@ -38,15 +38,18 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidSettingError, ModelFileError, WeightsNotFoundError
+from ..image import ImageError
+from ..io.networks import freeze, require_weight_file
+from ..io.state_dicts import check_state_dict, unwrap_state_dict
+from ..safe_load import InertObject, load_safetensors, load_torch_checkpoint, load_torchscript_data
 from ..utils.logging import get_logger
-from .backbones import freeze, unwrap_state_dict
-from .metrics import Metric
+from .base import Metric
 
 logger = get_logger(__name__)
 
@@ -78,37 +81,7 @@ MIN_SIZE = 31
 # ----------------------------------------------------------------------------------------------
 
 
-def _jit_pickle_helpers() -> dict[str, Any]:
-    """Data-only stand-ins for ``torch.jit._pickle`` helpers that typed TorchScript containers use."""
-
-    def _identity(value, *_):
-        return value
-
-    return {name: _identity for name in ("build_intlist", "build_tensorlist", "build_doublelist",
-                                         "build_boollist", "restore_type_tag")}
-
-
-def _torchscript_unpickler_class():
-    from ..safe_load import _inert_class, _RestrictedUnpickler
-
-    helpers = _jit_pickle_helpers()
-
-    class _TorchScriptUnpickler(_RestrictedUnpickler):
-        """osdface's restricted unpickler, plus: ``__torch__.*`` (TorchScript) classes → inert objects."""
-
-        def find_class(self, module: str, name: str) -> Any:
-            if module == "__torch__" or module.startswith("__torch__."):
-                return _inert_class(f"{module}.{name}")
-            if module == "torch.jit._pickle" and name in helpers:
-                return helpers[name]
-            return super().find_class(module, name)
-
-    return _TorchScriptUnpickler
-
-
 def _archive_prefix(zf: zipfile.ZipFile, source: str) -> str:
-    from ..errors import ModelFileError
-
     pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
     if len(pkl) != 1:
         raise ModelFileError(f"{source}: not a PyTorch archive (no single data.pkl inside)")
@@ -173,16 +146,13 @@ def read_torchscript_state_dict(path: str | os.PathLike) -> dict[str, torch.Tens
         osdface.errors.ModelFileError: not a TorchScript archive of a module, or a malformed /
             implausible one (a ``ValueError``).
     """
-    from ..errors import ModelFileError
-    from ..safe_load import InertObject, _load_archive_pickle
-
     path = Path(path)
     if not is_torchscript_archive(path):
         raise ModelFileError(f"{path}: not a TorchScript archive")
     try:
         with zipfile.ZipFile(path) as zf:
             prefix = _archive_prefix(zf, str(path))
-            root = _load_archive_pickle(zf, str(path), _torchscript_unpickler_class())  # checks every record first
+            root = load_torchscript_data(zf, str(path))  # checks every record first
             decls = _torchscript_declarations(zf, prefix)
     except (zipfile.BadZipFile, OSError) as e:
         raise ModelFileError(f"{path}: unreadable TorchScript archive ({e})") from None
@@ -221,25 +191,21 @@ def load_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     content, whatever its name). The metadata buffers :data:`OPENAI_METADATA_KEYS` are dropped.
 
     Raises:
-        FileNotFoundError: no such file.
+        WeightsNotFoundError: no such file (a ``FileNotFoundError``).
         ModelFileError: an unreadable or malformed file (named, with the reason).
         UnsafeCheckpointError: a pickle that would run code.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise WeightsNotFoundError(f"{path}: no such file")
     if is_torchscript_archive(path):
         sd = read_torchscript_state_dict(path)
     else:
         with open(path, "rb") as f:
             head = f.read(9)
         if not zipfile.is_zipfile(path) and len(head) == 9 and head[8:9] == b"{":
-            from ..safe_load import load_safetensors
-
             sd = load_safetensors(path, what="CLIP weights")  # ModelFileError naming the file and the reason
         else:
-            from ..safe_load import load_torch_checkpoint
-
             sd = unwrap_state_dict(load_torch_checkpoint(path), path)
     return {k: v for k, v in sd.items() if k not in OPENAI_METADATA_KEYS}
 
@@ -311,7 +277,7 @@ def build_clip(arch: dict | None = None, pos_embedding: bool = False) -> nn.Modu
                  quick_gelu=True)
     pool = model.visual.attnpool
     if not hasattr(pool, "q_proj"):
-        raise ValueError("CLIP-IQA needs a ResNet (ModifiedResNet) vision tower")
+        raise InvalidSettingError("CLIP-IQA needs a ResNet (ModifiedResNet) vision tower")
     pool.__class__ = _attention_pool_class()
     pool.use_pos_embedding = bool(pos_embedding)
     return model
@@ -340,20 +306,10 @@ def load_clip_weights(model: nn.Module, sd: dict[str, torch.Tensor], source: str
     """Load ``sd`` into ``model`` with a strict key / shape check, then round like OpenAI's ``clip.load``.
 
     Raises:
-        ValueError: missing / unexpected / wrong-shape keys; the message names ``source`` and the
+        ModelFileError: missing / unexpected / wrong-shape keys; the message names ``source`` and the
             first offending keys.
     """
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}" for k in own
-             if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{source}: not a CLIP RN50 checkpoint of the expected layout: missing {missing[:5]} "
-            f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)}), "
-            f"shape mismatch {wrong[:5]} ({len(wrong)})"
-        )
+    check_state_dict(sd, model.state_dict(), source, "a CLIP RN50 checkpoint of the expected layout")
     fp16 = set(openai_fp16_keys(model))
     # load_state_dict casts to the parameters' dtype; float16 tensors (the release) are exact already
     model.load_state_dict({k: v.half() if k in fp16 and v.dtype != torch.float16 else v for k, v in sd.items()},
@@ -399,8 +355,6 @@ class CLIPIQAMetric(Metric):
 
         path = None
         if pretrained:
-            from .weights import require_weight_file
-
             path = require_weight_file("clip_rn50", weights_dir)  # fail before building the network
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -424,7 +378,7 @@ class CLIPIQAMetric(Metric):
         """``(B, 3, H, W)`` RGB in [0, 1] → float32 CLIP input ``(x - mean) / std`` on ``device`` (same size)."""
         h, w = x.shape[-2:]
         if min(_trunk_size(h), _trunk_size(w)) < 1:
-            raise ValueError(f"clipiqa: images must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {w}x{h}")
+            raise ImageError(f"clipiqa: images must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {w}x{h}")
         x = x.to(self.device, torch.float32)
         return (x - self.mean) / self.std
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidSettingError, ModelFileError, WeightsNotFoundError
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -103,7 +106,7 @@ def folder_features(
 def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(mu (2048,), sigma (2048, 2048))`` of ``(N, 2048)`` features (N ≥ 2)."""
     if feats.shape[0] < 2:
-        raise ValueError(f"FID needs at least 2 images per set, got {feats.shape[0]}")
+        raise InvalidSettingError(f"FID needs at least 2 images per set, got {feats.shape[0]}")
     return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
 
 
@@ -120,11 +123,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method: str = "eigh") -> float:
 
         return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
     if method != "eigh":
-        raise ValueError(f"unknown Fréchet method {method!r}; choose from ['eigh', 'sqrtm']")
+        raise InvalidSettingError(f"unknown Fréchet method {method!r}; choose from ['eigh', 'sqrtm']")
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
-        raise ValueError(f"mean/covariance shapes differ: {mu1.shape} vs {mu2.shape}, {s1.shape} vs {s2.shape}")
+        raise InvalidSettingError(f"mean/covariance shapes differ: {mu1.shape} vs {mu2.shape}, {s1.shape} vs {s2.shape}")
     w, v = np.linalg.eigh((s1 + s1.T) / 2)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S1^½ (PSD)
     m = root1 @ s2 @ root1
@@ -136,39 +139,51 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method: str = "eigh") -> float:
 
 def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Reference statistics: pytorch-fid ``.npz`` (``mu``, ``sigma``) or BasicSR's ``inception_*.pth``
-    (``{'mean', 'cov'}``, e.g. ``inception_FFHQ_512.pth`` for FID(FFHQ)), read without running code."""
+    (``{'mean', 'cov'}``, e.g. ``inception_FFHQ_512.pth`` for FID(FFHQ)), read without running code.
+
+    BasicSR's files pickle numpy arrays, which ``torch.load(weights_only=True)`` refuses: those are
+    read with :func:`osdface.safe_load.load_numpy_pickle` (numpy arrays and dicts only).
+
+    Raises:
+        WeightsNotFoundError: no such file (a ``FileNotFoundError``).
+        ModelFileError: not a statistics file of either kind, naming it.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"{path}: FID statistics file not found (FID(FFHQ) uses BasicSR's inception_FFHQ_512.pth, "
             "from the BasicSR/VQFR/CodeFormer release assets)"
         )
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as z:
             if "mu" not in z or "sigma" not in z:
-                raise ValueError(f"{path}: expected arrays 'mu' and 'sigma'")
+                raise ModelFileError(f"{path}: expected arrays 'mu' and 'sigma'")
             return np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
-    from .weights import load_numpy_pickle
+    from ..safe_load import load_numpy_pickle
 
     data = None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        import zipfile
-
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
-                if pkl:
-                    data = load_numpy_pickle(zf.read(pkl[0]), str(path))
-        else:
-            data = load_numpy_pickle(path.read_bytes(), str(path))
+    except pickle.UnpicklingError:  # torch's weights-only reader refuses numpy arrays: BasicSR's layout
+        try:
+            if zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as zf:
+                    pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
+                    if pkl:
+                        data = load_numpy_pickle(zf.read(pkl[0]), str(path))
+            else:
+                data = load_numpy_pickle(path.read_bytes(), str(path))
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ModelFileError(f"{path}: not a readable FID statistics file ({e})") from e
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # a corrupt or truncated torch file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"{path}: not a readable FID statistics file ({reason})") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict with 'mean'/'cov' or 'mu'/'sigma'")
+        raise ModelFileError(f"{path}: expected a dict with 'mean'/'cov' or 'mu'/'sigma'")
     mu = data.get("mean", data.get("mu"))
     sigma = data.get("cov", data.get("sigma"))
     if mu is None or sigma is None:
-        raise ValueError(f"{path}: expected keys 'mean'/'cov' or 'mu'/'sigma', got {sorted(data)}")
+        raise ModelFileError(f"{path}: expected keys 'mean'/'cov' or 'mu'/'sigma', got {sorted(data)}")
     def to_np(a):
         return a.double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float64)
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..constants import IMAGE_EXTENSIONS
+from ..errors import InvalidSettingError
 from ..utils.io import is_temp_name
 from ..utils.logging import get_logger
 from .metrics import IdentityMetric, Metric, create_metric, metric_info
@@ -22,10 +23,13 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files directly in ``folder``, sorted by name.
 
     Hidden files and osdface temporaries (partial writes of a killed run) are skipped.
+
+    Raises:
+        InvalidSettingError: ``folder`` is not a folder.
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
+        raise InvalidSettingError(f"{folder}: no such folder")
     return sorted(p for p in folder.iterdir()
                   if not p.name.startswith(".") and not is_temp_name(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS
                   and p.is_file())
@@ -96,15 +100,15 @@ def evaluate_folder(
 
     pred_files = list_images(pred_dir)
     if not pred_files:
-        raise FileNotFoundError(f"{pred_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise InvalidSettingError(f"{pred_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     names = list(dict.fromkeys(metrics))
     for n in names:
         metric_info(n)  # unknown names fail before any work
     fr = [n for n in names if metric_info(n).full_reference and not metric_info(n).set_level]
     if fr and gt_dir is None:
-        raise ValueError(f"metrics {fr} need --gt (full-reference)")
+        raise InvalidSettingError(f"metrics {fr} need --gt (full-reference)")
     if "fid" in names and gt_dir is None and fid_stats is None:
-        raise ValueError("fid needs --gt (FID against the GT set) or --fid-stats (e.g. FFHQ statistics)")
+        raise InvalidSettingError("fid needs --gt (FID against the GT set) or --fid-stats (e.g. FFHQ statistics)")
 
     built = dict(built or {})
     for n in names:

@@ -47,10 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io.networks import freeze, read_state_dict, require_weight_file
+from ..io.state_dicts import load_checked
 from ..utils.logging import get_logger
-from .backbones import freeze, load_checked, unwrap_state_dict
-from .metrics import Metric
-from .weights import require_weight_file
+from .base import Metric
 
 logger = get_logger(__name__)
 
@@ -229,13 +229,12 @@ def load_fan_checkpoint(model: FAN, path: str | os.PathLike) -> None:
     its ``'state_dict'`` entry) or a bare ``sd``; a ``module.`` prefix (DataParallel) on every
     key is removed. BatchNorm ``num_batches_tracked`` counters may be absent (files saved before
     PyTorch 0.4.1; they play no part in inference). Anything else — a missing, unexpected or
-    wrongly shaped tensor — raises ``ValueError`` naming the file and the first offending keys.
-    The file is read without executing code (:func:`osdface.safe_load.load_torch_checkpoint`).
+    wrongly shaped tensor — raises :class:`~osdface.errors.ModelFileError` (a ``ValueError``) naming
+    the file and the first offending keys. The file is read without executing code
+    (:func:`osdface.safe_load.load_torch_checkpoint`).
     """
-    from ..safe_load import load_torch_checkpoint
-
     path = Path(path)
-    load_checked(model, unwrap_state_dict(load_torch_checkpoint(path), path), path,
+    load_checked(model, read_state_dict(path), path,
                  "the AdaptiveWingLoss FAN-4HG WFLW checkpoint", lambda k: k.endswith("num_batches_tracked"))
 
 

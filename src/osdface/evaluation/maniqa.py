@@ -54,9 +54,12 @@ import torch.nn.functional as F
 from timm.layers import Mlp  # fc1 → exact GELU → fc2 (the released key names)
 from torch import nn
 
+from ..errors import InvalidSettingError
+from ..image import ImageError
+from ..io.networks import WEIGHT_FILES, freeze, read_state_dict, require_weight_file
+from ..io.state_dicts import load_checked
 from ..utils.logging import get_logger
-from .backbones import freeze, load_checked, unwrap_state_dict
-from .metrics import Metric
+from .base import Metric
 
 logger = get_logger(__name__)
 
@@ -117,7 +120,7 @@ def crop_positions(h: int, w: int, crop_size: int = 224, num: int = 20, mode: st
     ``[0, w - crop_size]``, from a ``torch.Generator`` seeded with ``seed``.
     """
     if min(h, w) < crop_size:
-        raise ValueError(f"image {h}x{w} is smaller than the {crop_size}x{crop_size} crops")
+        raise ImageError(f"image {h}x{w} is smaller than the {crop_size}x{crop_size} crops")
     if mode == "grid":
         k, n = int(math.sqrt(num)), math.ceil(math.sqrt(num))
         step_h, step_w = (h - crop_size) // k, (w - crop_size) // k
@@ -130,7 +133,7 @@ def crop_positions(h: int, w: int, crop_size: int = 224, num: int = 20, mode: st
             left = int(torch.randint(0, w - crop_size + 1, (1,), generator=g))
             out.append((top, left))
         return out
-    raise ValueError(f"unknown crop mode {mode!r}; choose from ['grid', 'random']")
+    raise InvalidSettingError(f"unknown crop mode {mode!r}; choose from ['grid', 'random']")
 
 
 def maniqa_crops(x: torch.Tensor, crop_size: int = 224, num: int = 20, mode: str = "grid",
@@ -335,7 +338,7 @@ class MANIQANet(nn.Module):
         self.img_size, self.grid = img_size, img_size // patch_size
         self.feature_blocks = tuple(feature_blocks)
         if max(self.feature_blocks) >= vit_depth:
-            raise ValueError(f"feature_blocks {self.feature_blocks} need a ViT deeper than {vit_depth}")
+            raise InvalidSettingError(f"feature_blocks {self.feature_blocks} need a ViT deeper than {vit_depth}")
         self.vit = timm.create_model(
             "vit_base_patch8_224", pretrained=False, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
             depth=vit_depth, num_heads=vit_num_heads, mlp_ratio=vit_mlp_ratio, num_classes=vit_num_classes)
@@ -386,12 +389,10 @@ def load_maniqa_weights(net: MANIQANet, path: str | os.PathLike) -> MANIQANet:
     """Load a released MANIQA checkpoint into ``net`` after a strict key/shape check.
 
     Raises:
-        ValueError: naming ``path`` and the first missing / unexpected / wrongly shaped keys.
+        ModelFileError: naming ``path`` and the first missing / unexpected / wrongly shaped keys.
     """
-    from ..safe_load import load_torch_checkpoint
-
     path = Path(path)
-    load_checked(net, unwrap_state_dict(load_torch_checkpoint(path), path), path,
+    load_checked(net, read_state_dict(path), path,
                  "a MANIQA checkpoint of this architecture")
     logger.info("MANIQA weights loaded from %s", path)
     return net
@@ -431,18 +432,16 @@ class MANIQAMetric(Metric):
                  arch: dict | None = None, dtype: torch.dtype = torch.float32, **_):
         super().__init__(device)
         if train_dataset not in MANIQA_VARIANTS:
-            raise ValueError(f"unknown MANIQA train_dataset {train_dataset!r}; choose from {list(MANIQA_VARIANTS)}")
+            raise InvalidSettingError(f"unknown MANIQA train_dataset {train_dataset!r}; choose from {list(MANIQA_VARIANTS)}")
         if crops not in ("grid", "random"):
-            raise ValueError(f"unknown crops {crops!r}; choose from ['grid', 'random']")
+            raise InvalidSettingError(f"unknown crops {crops!r}; choose from ['grid', 'random']")
         key, scale, upstream = MANIQA_VARIANTS[train_dataset]
         cfg = {**MANIQA_CONFIG, "scale": scale, **(arch or {})}
         self.train_dataset, self.test_sample, self.crops, self.seed = train_dataset, test_sample, crops, seed
         self.crop_batch, self.crop_size = max(1, int(crop_batch)), cfg["img_size"]
         if pretrained:
-            from .weights import WEIGHT_FILES, require_weight_file
-
             if key not in WEIGHT_FILES:
-                raise ValueError(f"maniqa(train_dataset={train_dataset!r}) needs a weight entry {key!r} "
+                raise InvalidSettingError(f"maniqa(train_dataset={train_dataset!r}) needs a weight entry {key!r} "
                                  f"(upstream file {upstream}) in osdface.evaluation.weights.WEIGHT_FILES")
             path = require_weight_file(key, weights_dir)
             with torch.device("meta"):  # every tensor comes from the file: skip the random init

@@ -36,52 +36,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import InvalidSettingError
+from ..image import ImageError
+from ..io.networks import (
+    build_dists,
+    build_fid_inception,
+    build_identity_net,
+    build_lpips,
+    require_weight_file,
+)
 from ..utils.logging import get_logger
-from .weights import require_weight_file
+from .base import Metric
 
 logger = get_logger(__name__)
-
-
-class Metric:
-    """Base class. Subclasses set the class attributes and implement :meth:`compute`.
-
-    Attributes:
-        name: registry name.
-        full_reference: needs ``gt``.
-        lower_better: ``True`` when smaller is better (LPIPS, DISTS, NIQE, FID, Deg, LMD).
-        set_level: computed over whole sets (FID), not per image.
-        device: torch device the networks run on.
-    """
-
-    name: str = ""
-    full_reference: bool = True
-    lower_better: bool = False
-    set_level: bool = False
-
-    def __init__(self, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-
-    def __call__(self, pred: torch.Tensor, gt: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores of a batch: ``pred`` (and ``gt``) ``(B, 3, H, W)`` RGB in [0, 1] → ``(B,)`` float64."""
-        from ..image import to_tensor
-
-        pred = to_tensor(pred, name=f"{self.name}: pred")
-        if self.full_reference:
-            if gt is None:
-                raise ValueError(f"{self.name} is a full-reference metric: give gt")
-            gt = to_tensor(gt, name=f"{self.name}: gt")
-            if gt.shape != pred.shape:
-                raise ValueError(f"{self.name}: pred {tuple(pred.shape)} and gt {tuple(gt.shape)} differ in shape")
-        with torch.no_grad():
-            out = self.compute(pred, gt)
-        return torch.as_tensor(out, dtype=torch.float64).reshape(-1).cpu()
-
-    def compute(self, pred: torch.Tensor, gt: torch.Tensor | None):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        kind = "FR" if self.full_reference else "NR"
-        return f"<{type(self).__name__} {self.name} {kind} {'lower' if self.lower_better else 'higher'}-better>"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +98,7 @@ def calculate_ssim(img: np.ndarray, img2: np.ndarray, crop_border: int = 0) -> f
         img, img2 = img[crop_border:-crop_border, crop_border:-crop_border], img2[crop_border:-crop_border,
                                                                                   crop_border:-crop_border]
     if min(img.shape[:2]) < 11:
-        raise ValueError(f"SSIM needs images of at least 11x11 pixels, got {img.shape[1]}x{img.shape[0]}")
+        raise ImageError(f"SSIM needs images of at least 11x11 pixels, got {img.shape[1]}x{img.shape[0]}")
     return float(np.mean([_ssim_channel(img[..., c], img2[..., c]) for c in range(img.shape[2])]))
 
 
@@ -174,8 +141,6 @@ class LPIPSMetric(Metric):
 
     def __init__(self, device="cpu", net: str = "alex", weights_dir=None, pretrained: bool = True, **_):
         super().__init__(device)
-        from .backbones import build_lpips
-
         self.name = "lpips" if net == "alex" else f"lpips_{net}"
         self.net = build_lpips(net, weights_dir=weights_dir, pretrained=pretrained).to(self.device)
 
@@ -188,8 +153,6 @@ class DISTSMetric(Metric):
 
     def __init__(self, device="cpu", weights_dir=None, pretrained: bool = True, **_):
         super().__init__(device)
-        from .backbones import build_dists
-
         self.net = build_dists(weights_dir=weights_dir, pretrained=pretrained).to(self.device)
 
     def compute(self, pred, gt):
@@ -202,7 +165,10 @@ class NIQEMetric(Metric):
 
     def __init__(self, device="cpu", weights_dir=None, crop_border: int = 0, **_):
         super().__init__(device)
+        from .niqe import load_niqe_params
+
         self.params = str(require_weight_file("niqe", weights_dir))
+        load_niqe_params(self.params)  # a malformed file fails here, before any image is read (cached)
         self.crop_border = crop_border
 
     def compute(self, pred, gt=None):
@@ -219,8 +185,7 @@ class FIDMetric(Metric):
 
     def __init__(self, device="cpu", weights_dir=None, pretrained: bool = True, batch_size: int = 16, **_):
         super().__init__(device)
-        from .backbones import build_fid_inception
-        from .weights import find_weight_file
+        from ..io.networks import find_weight_file
 
         self.model = build_fid_inception(weights_dir=weights_dir, pretrained=pretrained).to(self.device)
         path = find_weight_file("fid_inception", weights_dir) if pretrained else None
@@ -250,6 +215,8 @@ class FIDMetric(Metric):
 
 #: Face box (x0, y0, x1, y1) as fractions of an FFHQ-aligned crop, for FaceNet (≈ MTCNN box + margin).
 FFHQ_FACENET_BOX = (0.1875, 0.25, 0.8125, 0.875)
+#: identity backend → metric name
+IDENTITY_METRIC_NAMES = {"arcface": "ids", "facenet": "ids_facenet"}
 
 
 class IdentityMetric(Metric):
@@ -269,36 +236,12 @@ class IdentityMetric(Metric):
     def __init__(self, device="cpu", backend: str = "arcface", weights_dir=None, pretrained: bool = True,
                  crop=FFHQ_FACENET_BOX, min_angle: float = 1.0, **_):
         super().__init__(device)
-        from ..models import identity as idm
-
+        if backend not in IDENTITY_METRIC_NAMES:
+            raise InvalidSettingError(f"unknown identity backend {backend!r}; "
+                                      f"choose from {list(IDENTITY_METRIC_NAMES)}")
         self.backend, self.crop, self.min_angle = backend, crop, min_angle
-        if backend == "arcface":
-            self.name = "ids"
-            self.net = idm.ArcFaceResNet()
-            if pretrained:
-                from ..safe_load import load_torch_checkpoint
-
-                path = require_weight_file("arcface", weights_dir)
-                sd = load_torch_checkpoint(path)
-                sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-                sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-                own = self.net.state_dict()
-                missing = sorted(set(own) - set(sd))
-                unexpected = sorted(set(sd) - set(own))
-                wrong = sorted(k for k in set(sd) & set(own) if tuple(sd[k].shape) != tuple(own[k].shape))
-                if missing or unexpected or wrong:
-                    raise ValueError(f"{path}: not an ArcFace resnet_face18 checkpoint (missing {missing[:3]}, "
-                                     f"unexpected {unexpected[:3]}, wrong shapes {wrong[:3]})")
-                self.net.load_state_dict(sd)
-        elif backend == "facenet":
-            self.name = "ids_facenet"
-            self.net = idm.InceptionResnetV1()
-            if pretrained:
-                from safetensors.torch import load_file
-
-                self.net.load_state_dict(load_file(str(require_weight_file("facenet", weights_dir))))
-        else:
-            raise ValueError(f"unknown identity backend {backend!r}; choose from ['arcface', 'facenet']")
+        self.name = IDENTITY_METRIC_NAMES[backend]
+        self.net = build_identity_net(backend, weights_dir=weights_dir, pretrained=pretrained)
         self.net.eval().to(self.device)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

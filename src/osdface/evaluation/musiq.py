@@ -45,9 +45,12 @@ import torch.nn.functional as F
 from timm.layers import Mlp  # fc1 → exact GELU → fc2 (the released key names)
 from torch import nn
 
+from ..errors import InvalidSettingError
+from ..image import ImageError
+from ..io.networks import freeze, read_state_dict, require_weight_file
+from ..io.state_dicts import load_checked
 from ..utils.logging import get_logger
-from .backbones import freeze, load_checked, unwrap_state_dict
-from .metrics import Metric
+from .base import Metric
 
 logger = get_logger(__name__)
 
@@ -234,7 +237,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+            raise InvalidSettingError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.query = nn.Linear(dim, dim)
@@ -348,7 +351,7 @@ class MUSIQ(nn.Module):
     ):
         super().__init__()
         if patch_size % 4:
-            raise ValueError(f"patch_size must be a multiple of 4, got {patch_size}")
+            raise InvalidSettingError(f"patch_size must be a multiple of 4, got {patch_size}")
         self.patch_size = patch_size
         self.grid_size = spatial_pos_grid_size
         self.longer_side_lengths = tuple(sorted(longer_side_lengths))
@@ -383,7 +386,7 @@ class MUSIQ(nn.Module):
     def forward(self, x: torch.Tensor, return_dist: bool = False) -> torch.Tensor:
         """Scores ``(B,)`` of ``(B, 3, H, W)`` RGB in [0, 1] (the head output; ``(B, num_class)`` if ``return_dist``)."""
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"MUSIQ expects (B, 3, H, W) RGB images, got shape {tuple(x.shape)}")
+            raise ImageError(f"MUSIQ expects (B, 3, H, W) RGB images, got shape {tuple(x.shape)}")
         patches, spatial, scale, mask = self.tokens(x)
         feats = self.transformer_encoder(self.embed_patches(patches), spatial, scale, mask)
         q = self.head(feats[:, 0])
@@ -401,19 +404,11 @@ def load_musiq_weights(model: MUSIQ, path: str | os.PathLike) -> MUSIQ:
     """Load a MUSIQ checkpoint (``.pth`` without code execution, or ``.safetensors``) with a strict check.
 
     Raises:
-        ValueError: missing / unexpected / wrong-shape keys (the message names the file and the
+        ModelFileError: missing / unexpected / wrong-shape keys (the message names the file and the
             first offending keys), or an unreadable file.
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        raw = load_file(str(path))
-    else:
-        from ..safe_load import load_torch_checkpoint
-
-        raw = load_torch_checkpoint(path)
-    return load_checked(model, unwrap_state_dict(raw, path), path, "a MUSIQ (KonIQ) checkpoint of the expected layout")
+    return load_checked(model, read_state_dict(path), path, "a MUSIQ (KonIQ) checkpoint of the expected layout")
 
 
 def build_musiq(weights_dir: str | os.PathLike | None = None, pretrained: bool = True, seed: int = 0,
@@ -431,8 +426,6 @@ def build_musiq(weights_dir: str | os.PathLike | None = None, pretrained: bool =
     cfg = {**MUSIQ_CONFIG, **arch}
     path = None
     if pretrained:
-        from .weights import require_weight_file
-
         path = require_weight_file("musiq", weights_dir)  # fail before building the network
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

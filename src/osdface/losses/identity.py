@@ -21,20 +21,15 @@ choice. ``pretrained=False`` builds the same network with random weights (tests,
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils.logging import get_logger
-
-logger = get_logger(__name__)
+from ..io.networks import IDENTITY_BACKENDS, build_identity_net
 
 #: FaceNet's face box in an FFHQ-aligned crop (x0, y0, x1, y1 fractions; = the ``ids_facenet`` metric's).
 FFHQ_FACENET_BOX = (0.1875, 0.25, 0.8125, 0.875)
-#: backend → metrics-weights-folder key (:data:`osdface.evaluation.weights.WEIGHT_FILES`) or None.
-IDENTITY_BACKENDS = {"arcface": "arcface", "facenet": "facenet", "iresnet50": None, "iresnet100": None}
 
 
 class IdentityNetwork(nn.Module):
@@ -74,31 +69,6 @@ class IdentityNetwork(nn.Module):
         return self.net(self.preprocess(x))
 
 
-def _strip(sd: dict[str, torch.Tensor], prefixes=("module.", "backbone.")) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        for p in prefixes:
-            if k.startswith(p):
-                k = k[len(p):]
-        out[k] = v
-    return out
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    from ..safe_load import load_torch_checkpoint
-
-    sd = load_torch_checkpoint(path)
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors")
-    return _strip(sd)
-
-
 def build_identity_network(backend: str = "arcface", weights: str | os.PathLike | None = None,
                            weights_dir: str | os.PathLike | None = None, pretrained: bool = True) -> IdentityNetwork:
     """Build a frozen identity network.
@@ -111,50 +81,11 @@ def build_identity_network(backend: str = "arcface", weights: str | os.PathLike 
         pretrained: ``False`` → random weights, no file read.
 
     Raises:
+        InvalidSettingError: unknown ``backend``.
         WeightsNotFoundError: the weight file is missing (the message names it and where it goes).
+        ModelFileError, UnsafeCheckpointError: a malformed file or one of another network (named).
     """
-    from ..models.identity import ArcFaceResNet, InceptionResnetV1, IResNet
-
-    if backend not in IDENTITY_BACKENDS:
-        raise ValueError(f"unknown identity network {backend!r}; choose from {', '.join(IDENTITY_BACKENDS)}")
-    net: nn.Module
-    if backend == "arcface":
-        net = ArcFaceResNet()
-    elif backend == "facenet":
-        net = InceptionResnetV1()
-    else:
-        net = IResNet(backend)
-    if pretrained:
-        if weights is not None:
-            path = Path(weights).expanduser()
-            if not path.is_file():
-                from ..weights import WeightsNotFoundError
-
-                raise WeightsNotFoundError(
-                    f"identity network weights {path} not found; give the {backend} weight file "
-                    f"(loss.identity_weights / --set loss.identity_weights=PATH)")
-        else:
-            key = IDENTITY_BACKENDS[backend]
-            if key is None:
-                from ..weights import WeightsNotFoundError
-
-                raise WeightsNotFoundError(
-                    f"the {backend} identity network needs its weight file: set loss.identity_weights to "
-                    "insightface's backbone.pth for that architecture")
-            from ..evaluation.weights import require_weight_file
-
-            path = require_weight_file(key, weights_dir)
-        sd = _read_weights(path)
-        own = net.state_dict()
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
-        wrong = sorted(k for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
-        if missing or unexpected or wrong:
-            raise ValueError(f"{path}: not a {backend} state dict (missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}, shape mismatch {wrong[:3]})")
-        net.load_state_dict(sd, strict=True)
-        logger.info("identity network %s loaded from %s", backend, path)
-    return IdentityNetwork(backend, net)
+    return IdentityNetwork(backend, build_identity_net(backend, weights, weights_dir, pretrained))
 
 
 class IdentityLoss(nn.Module):

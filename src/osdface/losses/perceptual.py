@@ -3,7 +3,7 @@
 All take ``pred`` and ``target`` as ``(B, 3, H, W)`` float RGB in [0, 1] (map [-1, 1] decoder
 output with :func:`osdface.image.from_model_range` first) and return a scalar (batch mean) that
 is differentiable w.r.t. ``pred`` (and ``target``). The networks are the evaluation metrics'
-networks (:mod:`osdface.evaluation.backbones`: the ``lpips`` and ``DISTS_pytorch`` code with
+networks (:mod:`osdface.io.networks`: the ``lpips`` and ``DISTS_pytorch`` code with
 local weights), frozen and kept in eval mode even when the owning model calls ``.train()``.
 
 ``pretrained=True`` reads the weight files from ``weights_dir`` (default
@@ -54,7 +54,7 @@ class LPIPSLoss(_FrozenNetLoss):
 
     def __init__(self, net: str = "vgg", weights_dir: str | os.PathLike | None = None, pretrained: bool = True):
         super().__init__()
-        from ..evaluation.backbones import build_lpips
+        from ..io.networks import build_lpips
 
         self.net = build_lpips(net, weights_dir=weights_dir, pretrained=pretrained)
         self.net_name = net
@@ -73,7 +73,7 @@ class DISTSLoss(_FrozenNetLoss):
 
     def __init__(self, weights_dir: str | os.PathLike | None = None, pretrained: bool = True):
         super().__init__()
-        from ..evaluation.backbones import build_dists
+        from ..io.networks import build_dists
 
         self.net = build_dists(weights_dir=weights_dir, pretrained=pretrained)
 
