@@ -16,7 +16,18 @@ Families and the subcommands that read them (see :data:`COMMANDS`):
   ``manifest.json`` checksums are recomputed after the hostile edit (a forged but consistent run),
   so the hostile file reaches the parsers; ``*-not-resealed`` cases keep the old sums;
 * ``resume``: a stage-2 run folder → ``train generator --resume`` (a valid resume at the last step
-  trains nothing; a refused one must leave the run untouched).
+  trains nothing; a refused one must leave the run untouched);
+* face-layer files (:data:`FILE_FAMILIES`), with the pristine ``--model`` folder: ``retinaface``
+  (``--detector retinaface_mobile0.25 --detector-weights``), ``retinaface-r50`` (``--detector
+  retinaface_resnet50``; refusals only), ``yunet`` (.onnx) → ``restore`` (whole photo) and ``align``;
+  ``parsing`` (``--parsing-model``), ``bg-upsampler`` / ``bg-upsampler-st`` (``--upscale 2
+  --bg-upsampler`` .pth / .safetensors) → ``restore``;
+* metric weight files: ``metric-lpips``, ``metric-ids`` (ArcFace .pth), ``metric-facenet``,
+  ``metric-niqe`` (.npz), each alone in a ``--weights-dir`` → ``evaluate`` and ``benchmark-table``
+  with that one metric. :data:`SKIPPED_METRIC_FILES` lists the files left out and why.
+
+The valid face-layer and metric files are osdface's own network classes with random weights
+(:func:`build_pristine_files`), each run once as a control, so a refusal is about the file.
 
 Cases marked ``bomb`` could make an unguarded loader allocate gigabytes; the tests run them in a
 child process under ``RLIMIT_AS`` (:func:`run_capped`).
@@ -71,6 +82,8 @@ CAP_MARGIN = 1 << 30
 ZIP_BOMB_BYTES = 2 << 30
 #: Stride-0 codebook: dictionary entries claimed (x 32 floats = 3.1 GB if ever materialised).
 STRIDE0_ENTRIES = 24_000_000
+#: Stride-0 weight of a face-layer / metric file: claimed size if ever materialised.
+STRIDE0_BYTES = 3 << 30
 
 FAST_TRAIN = ["loss.ea_dists=0", "loss.identity=0", "data.val_images=0", "train.val_every=0"]
 
@@ -141,6 +154,8 @@ class _Ctx:
     lora: dict
     marker: Path
     seed: int
+    nets: dict = field(default_factory=dict)  # file family -> its pristine state dict (face layer, metrics)
+    pristine: Path | None = None  # the case's pristine file (file families)
 
 
 SPECS: list[_Spec] = []
@@ -596,13 +611,257 @@ _resume_spec("accelerate_state/model.safetensors", "tampered-not-resealed",
     _unsealed(lambda p, c: _truncate(p)))
 
 
+# ------------------------------------------------------- face-layer and metric weight files
+#: File families: one model file read through one command-line option, relative to the case root
+#: (and, for the valid original, to ``_pristine/``). The valid originals are real-architecture
+#: state dicts of osdface's own classes with random weights (:func:`build_pristine_files`).
+FILE_FAMILIES: dict[str, str] = {
+    "retinaface": "face/detection_mobilenet0.25_Final.pth",  # --detector retinaface_mobile0.25
+    "retinaface-r50": "face/detection_Resnet50_Final.pth",  # --detector retinaface_resnet50: refusals only
+    "yunet": "face/face_detection_yunet_2023mar_int8bq.onnx",  # --detector yunet
+    "parsing": "face/parsing_parsenet.pth",  # --parsing-model
+    "bg-upsampler": "face/RealESRGAN_x2plus.pth",  # --upscale 2 --bg-upsampler
+    "bg-upsampler-st": "face/RealESRGAN_x2plus.safetensors",
+    "metric-lpips": "metrics/lpips_alex.safetensors",  # evaluate --metrics lpips --weights-dir
+    "metric-ids": "metrics/arcface_resnet18.pth",  # --metrics ids
+    "metric-facenet": "metrics/facenet_inception_resnet_v1.safetensors",  # --metrics ids_facenet
+    "metric-niqe": "metrics/niqe_pris_params.npz",  # --metrics niqe
+}
+#: Families without a valid original (a RetinaFace-ResNet-50 file is ~105 MB): refusals only.
+NO_PRISTINE = {"retinaface-r50"}
+METRIC_OF = {"metric-lpips": "lpips", "metric-ids": "ids", "metric-facenet": "ids_facenet", "metric-niqe": "niqe"}
+#: Metric weight files the corpus leaves out, and why.
+SKIPPED_METRIC_FILES = {
+    "lpips_vgg.safetensors, dists_vgg16.safetensors": "59 MB each; the same reader and strict check as "
+                                                      "lpips_alex.safetensors (covered)",
+    "musiq_koniq.pth": "~100 MB ViT checkpoint",
+    "maniqa_*.pth": "ViT-B/8 checkpoints, hundreds of MB",
+    "RN50.pt (clipiqa)": "~100 MB TorchScript archive",
+    "alignment_WFLW_4HG.pth (lmd)": "97 MB, and a normal tiny lmd run takes ~25 s on CPU",
+    "fid_inception_v3.safetensors / --fid-stats": "fid builds the 95 MB Inception before it reads --fid-stats "
+                                                  "(which it reads only after computing the features)",
+}
+NIQE_KEYS = ("mu_pris_param", "cov_pris_param", "gaussian_window")
+
+
+def _save_state_dict(path: Path, sd: dict) -> None:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        _torch_save(sd, path)
+
+
+def _niqe_arrays(seed: int, n: int = 36) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, n))
+    g = np.exp(-((np.arange(7) - 3.0) ** 2) / (2 * (7 / 6) ** 2))
+    window = np.outer(g, g)
+    return {"mu_pris_param": rng.normal(size=(1, n)), "cov_pris_param": a @ a.T / n + np.eye(n),
+            "gaussian_window": window / window.sum()}
+
+
+def build_pristine_files(root: Path, seed: int = 0) -> dict[str, dict]:
+    """Write the valid original of every file family under ``root``; returns family -> state dict.
+
+    Small real architectures (RetinaFace-MobileNet-0.25, an ×2 RRDBNet with 8 features, 1 block)
+    and the fixed ones the loaders build (ParseNet 512, LPIPS-Alex, ArcFace ResNet-18, FaceNet),
+    random weights; YuNet is the shipped ONNX file; NIQE parameters are a random SPD model.
+    """
+    import numpy as np
+    import torch
+
+    from osdface.face.background import RRDBNet
+    from osdface.face.detection import find_yunet_model
+    from osdface.face.parsing import ParseNet
+    from osdface.face.retinaface import RetinaFaceNet
+    from osdface.io.networks import build_lpips
+    from osdface.models.identity import ArcFaceResNet, InceptionResnetV1
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        nets = {"retinaface": RetinaFaceNet("mobilenet0.25"), "parsing": ParseNet(),
+                "bg-upsampler": RRDBNet(scale=2, num_feat=8, num_block=1, num_grow_ch=4),
+                "metric-lpips": build_lpips("alex", pretrained=False), "metric-ids": ArcFaceResNet(),
+                "metric-facenet": InceptionResnetV1()}
+        sds = {f: {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()} for f, net in nets.items()}
+    sds["bg-upsampler-st"] = sds["bg-upsampler"]
+    for family, target in FILE_FAMILIES.items():
+        (root / target).parent.mkdir(parents=True, exist_ok=True)
+        if family in sds:
+            _save_state_dict(root / target, sds[family])
+    shutil.copyfile(find_yunet_model(), root / FILE_FAMILIES["yunet"])
+    np.savez(root / FILE_FAMILIES["metric-niqe"], **_niqe_arrays(seed))
+    return sds
+
+
+def _half_of_pristine(p: Path, c: _Ctx) -> None:
+    data = c.pristine.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+
+
+def _first_matrix_key(sd: dict) -> str:
+    """The first conv / linear weight (>= 2 dimensions)."""
+    return next(k for k, v in sd.items() if v.ndim >= 2 and k.endswith("weight"))
+
+
+def _register_file_family(family: str, foreign: str | None = None) -> None:
+    """The hostile variants of one face-layer or metric file (kind from its suffix)."""
+    target = FILE_FAMILIES[family]
+    file = Path(target).name
+    kind = Path(target).suffix
+
+    def spec(slug, description, **kw):
+        return _spec(family, target, slug, f"{file}: {description}", **kw)
+
+    spec("random-bytes", "4 KiB of random bytes")(lambda p, c: p.write_bytes(_random_bytes(4096, c.seed + 7)))
+    spec("empty", "0 bytes")(lambda p, c: p.write_bytes(b""))
+    spec("truncated", "the valid file cut in half")(_half_of_pristine)
+    if kind == ".onnx":
+        return
+
+    def wrong_keys(p, c):
+        if kind == ".npz":
+            import numpy as np
+
+            np.savez(p, mu=np.zeros(36), cov=np.eye(36))
+        else:
+            _save_state_dict(p, c.nets[foreign])
+
+    def wrong_shape(p, c):
+        import torch
+
+        if kind == ".npz":
+            import numpy as np
+
+            arrays = _niqe_arrays(c.seed, n=3)
+            np.savez(p, **{**arrays, "gaussian_window": _niqe_arrays(c.seed)["gaussian_window"]})
+            return
+        sd = dict(c.nets[family])
+        key = _first_matrix_key(sd)
+        shape = list(sd[key].shape)
+        shape[-1] += 2
+        sd[key] = torch.zeros(shape)
+        _save_state_dict(p, sd)
+
+    what_keys = "arrays mu and cov (not mu_pris_param, ...)" if kind == ".npz" else \
+        f"the state dict of another network ({foreign})"
+    spec("wrong-keys", what_keys)(wrong_keys)
+    spec("wrong-shapes", "mu of 3 and cov of 3 x 3 (NIQE has 36 features)" if kind == ".npz" else "one tensor with a wrong shape")(wrong_shape)
+
+    if kind == ".safetensors":
+        spec("pickle-os-system", "a torch.save pickle calling os.system, named .safetensors")(
+            lambda p, c: _torch_save(_RunsCode(c.marker), p))
+        spec("header-huge-tensors", "a header claiming two 10^6 x 10^6 float32 tensors (4 TB) over 16 bytes")(
+            lambda p, c: p.write_bytes(_safetensors_raw({
+                k: {"dtype": "F32", "shape": [1000000, 1000000], "data_offsets": [i * 4 * 10**12, (i + 1) * 4 * 10**12]}
+                for i, k in enumerate(list(c.nets[family])[:2])}, bytes(16))))
+        spec("header-length-huge", "the header-length field claims 2^62 bytes")(
+            lambda p, c: p.write_bytes(_safetensors_raw({}, bytes(16), length=1 << 62)))
+        return
+
+    if kind == ".npz":
+        spec("pickle-os-system", "a pickle calling os.system, named .npz")(
+            lambda p, c: p.write_bytes(pickle.dumps(_RunsCode(c.marker), protocol=2)))
+
+        def object_array(p, c):
+            import numpy as np
+
+            arrays = _niqe_arrays(c.seed)
+            arrays["mu_pris_param"] = np.array([_RunsCode(c.marker)], dtype=object)
+            np.savez(p, **arrays)
+
+        spec("object-array-os-system", "mu_pris_param is an object array whose pickle calls os.system")(object_array)
+
+        def huge_shape(p, c):
+            import numpy as np
+
+            arrays = _niqe_arrays(c.seed)
+            with zipfile.ZipFile(p, "w") as zf:
+                for key in NIQE_KEYS:
+                    buf = io.BytesIO()
+                    np.lib.format.write_array(buf, arrays[key])
+                    raw = buf.getvalue()
+                    if key == "cov_pris_param":  # header of a 20000 x 20000 float64 array (3.2 GB), 64 bytes of data
+                        h = io.BytesIO()
+                        np.lib.format.write_array_header_1_0(
+                            h, {"descr": "<f8", "fortran_order": False, "shape": (20000, 20000)})
+                        raw = h.getvalue() + bytes(64)
+                    zf.writestr(f"{key}.npy", raw)
+
+        spec("npy-header-huge-shape", "cov_pris_param.npy's header claims 20000 x 20000 float64 (3.2 GB) over "
+             "64 bytes", bomb=True)(huge_shape)
+        return
+
+    # .pth
+    spec("zip-os-system", "zip checkpoint whose pickle calls os.system (touches a marker file)")(
+        lambda p, c: _torch_save(_RunsCode(c.marker), p))
+    spec("legacy-os-system", "legacy (non-zip) torch.save file whose pickle calls os.system")(
+        lambda p, c: _torch_save(_RunsCode(c.marker), p, legacy=True))
+
+    def bomb_base(c) -> dict:
+        """The pristine state dict; of a large one (> 16 MB) only the bomb's key (keeps the corpus small;
+        an unguarded loader materialises the bomb before any key check)."""
+        sd = dict(c.nets[family])
+        key = _first_matrix_key(sd)
+        return sd if sum(v.numel() for v in sd.values()) * 4 <= 16 << 20 else {key: sd[key]}
+
+    def stride0(p, c):
+        import torch
+
+        sd = bomb_base(c)
+        key = _first_matrix_key(sd)
+        rows = -(-STRIDE0_BYTES // (4 * sd[key][0].numel()))
+        sd[key] = torch.full((1,) * sd[key].ndim, 0.5).expand(rows, *sd[key].shape[1:])
+        _torch_save(sd, p)
+
+    spec("stride0-huge", f"a stride-0 (expanded) first weight matrix claiming {STRIDE0_BYTES >> 30} GiB in a "
+         "1-element storage", bomb=True)(stride0)
+    spec("zip-bomb", f"a deflated storage record that inflates to {ZIP_BOMB_BYTES >> 30} GiB (~2 MB file)", bomb=True)(
+        lambda p, c: write_zip_bomb_checkpoint(p, bomb_base(c), (list(bomb_base(c))[-1],)))
+
+
+for _family, _foreign in (("retinaface", "bg-upsampler"), ("parsing", "retinaface"), ("bg-upsampler", "retinaface"),
+                          ("bg-upsampler-st", "retinaface"), ("yunet", None), ("metric-lpips", "retinaface"),
+                          ("metric-ids", "retinaface"), ("metric-facenet", "retinaface"), ("metric-niqe", None)):
+    _register_file_family(_family, _foreign)
+
+_R50 = FILE_FAMILIES["retinaface-r50"]
+_spec("retinaface-r50", _R50, "mobilenet-weights",
+      "detection_Resnet50_Final.pth: a valid RetinaFace-MobileNet-0.25 state dict (the other network)")(
+    lambda p, c: _save_state_dict(p, c.nets["retinaface"]))
+_spec("retinaface-r50", _R50, "zip-os-system", "detection_Resnet50_Final.pth: a pickle calling os.system")(
+    lambda p, c: _torch_save(_RunsCode(c.marker), p))
+_spec("retinaface-r50", _R50, "empty", "detection_Resnet50_Final.pth: 0 bytes")(lambda p, c: p.write_bytes(b""))
+
+
 # ----------------------------------------------------------------------------------------- commands
 def _official_model_args(case: Case) -> list[str]:
     return ["--base-model", str(case.base), "--weights", str(case.weights)]
 
 
 def _model_args(case: Case) -> list[str]:
-    return ["--model", str(case.model)] if case.family == "model" else _official_model_args(case)
+    return _official_model_args(case) if case.family == "official" else ["--model", str(case.model)]
+
+
+def _face_args(case: Case) -> list[str]:
+    """The face-layer option that reads the case's file (none for the model families)."""
+    f = str(case.offending)
+    retina = ["--detector-weights", f, "--det-threshold", "0", "--max-faces", "1"]  # random weights: take one box
+    return {"retinaface": ["--detector", "retinaface_mobile0.25", *retina],
+            "retinaface-r50": ["--detector", "retinaface_resnet50", *retina],
+            "yunet": ["--detector", "yunet", "--detector-weights", f],
+            "parsing": ["--parsing-model", f],
+            "bg-upsampler": ["--upscale", "2", "--bg-upsampler", f],
+            "bg-upsampler-st": ["--upscale", "2", "--bg-upsampler", f]}.get(case.family, [])
+
+
+def _metric_args(case: Case) -> list[str]:
+    return ["--metrics", METRIC_OF[case.family], "--weights-dir", str(case.offending.parent), "--device", "cpu",
+            "--no-progress"]
 
 
 def _argv_restore_aligned(case: Case, inputs: Path, out: Path) -> list[str]:
@@ -611,7 +870,22 @@ def _argv_restore_aligned(case: Case, inputs: Path, out: Path) -> list[str]:
 
 
 def _argv_restore_photo(case: Case, inputs: Path, out: Path) -> list[str]:
-    return ["restore", str(inputs / "photo.png"), "-o", str(out / "restored"), "--device", "cpu", *_model_args(case)]
+    return ["restore", str(inputs / "photo.png"), "-o", str(out / "restored"), "--device", "cpu", *_model_args(case),
+            *_face_args(case)]
+
+
+def _argv_align(case: Case, inputs: Path, out: Path) -> list[str]:
+    return ["align", str(inputs / "photo.png"), "-o", str(out / "aligned"), *_face_args(case)]
+
+
+def _argv_evaluate(case: Case, inputs: Path, out: Path) -> list[str]:
+    return ["evaluate", "--pred", str(inputs / "eval" / "pred"), "--gt", str(inputs / "eval" / "gt"),
+            *_metric_args(case), "--out", str(out / "report" / "r.json")]
+
+
+def _argv_benchmark_table(case: Case, inputs: Path, out: Path) -> list[str]:
+    return ["benchmark-table", str(inputs / "eval" / "pred"), "--gt", str(inputs / "eval" / "gt"), *_metric_args(case),
+            "--out", str(out / "report" / "table.md")]
 
 
 def _argv_convert(case: Case, inputs: Path, out: Path) -> list[str]:
@@ -646,12 +920,22 @@ COMMANDS: dict[str, Callable[[Case, Path, Path], list[str]]] = {
     "export": _argv_export,
     "export-official": _argv_export_official,
     "train-resume": _argv_train_resume,
+    "align": _argv_align,
+    "evaluate": _argv_evaluate,
+    "benchmark-table": _argv_benchmark_table,
 }
 FAMILY_COMMANDS = {
     "official": ("restore-aligned", "restore-photo", "convert", "train-generator"),
     "model": ("restore-aligned", "restore-photo"),
     "run": ("export", "export-official"),
     "resume": ("train-resume",),
+    "retinaface": ("restore-photo", "align"),
+    "retinaface-r50": ("restore-photo", "align"),
+    "yunet": ("restore-photo", "align"),
+    "parsing": ("restore-photo",),
+    "bg-upsampler": ("restore-photo",),
+    "bg-upsampler-st": ("restore-photo",),
+    **{family: ("evaluate", "benchmark-table") for family in METRIC_OF},
 }
 #: Commands whose failure may be per input (exit 1).
 PER_INPUT_COMMANDS = {"restore-aligned", "restore-photo"}
@@ -693,6 +977,9 @@ def build_pristine(root: Path, seed: int = 0) -> dict[str, Path]:
     Image.fromarray(faces[0]).save(inputs / "face.png")
     for i, f in enumerate(faces):
         Image.fromarray(f).save(inputs / "faces" / f"face{i}.png")
+    for sub, seed_offset in (("pred", 2), ("gt", 3)):  # one 192 px pair (NIQE: >= 2 blocks of 96 px)
+        (inputs / "eval" / sub).mkdir(parents=True)
+        Image.fromarray(synthetic_faces(1, size=192, seed=seed + seed_offset)[0]).save(inputs / "eval" / sub / "e0.png")
     photo = Image.open(PHOTO_SOURCE).convert("RGB")
     photo.resize((photo.width // 4, photo.height // 4), Image.LANCZOS).save(inputs / "photo.png")  # YuNet finds it
     with quiet:
@@ -718,6 +1005,8 @@ def build_corpus(root: str | os.PathLike, seed: int = 0, names: set[str] | None 
     vre_ckpt = _load_good_ckpt(p["weights"] / VRE_FILE)
     adapter = torch.load(p["weights"] / ADAPTER_FILE, map_location="cpu", weights_only=True)
     lora = load_file(str(p["weights"] / LORA_FILE))
+    selected = [s for s in SPECS if names is None or s.name in names]
+    nets = build_pristine_files(root / "_pristine", seed) if any(s.family in FILE_FAMILIES for s in selected) else {}
     cases = []
     for spec in SPECS:
         if names is not None and spec.name not in names:
@@ -734,6 +1023,11 @@ def build_corpus(root: str | os.PathLike, seed: int = 0, names: set[str] | None 
             else:
                 case.base = p["base"]
                 case.shared.append(p["base"])
+        elif spec.family in FILE_FAMILIES:  # only the hostile file; the tiny model folder is shared
+            case.offending.parent.mkdir(parents=True)
+            if spec.family not in METRIC_OF:
+                case.model = p["model"]
+                case.shared.append(p["model"])
         elif spec.family == "model":
             case.model = case_root / "model"
             shutil.copytree(p["model-nofuse" if getattr(spec.make, "nofuse", False) else "model"], case.model)
@@ -742,7 +1036,7 @@ def build_corpus(root: str | os.PathLike, seed: int = 0, names: set[str] | None 
             shutil.copytree(p["run"], case.run)
             case.base, case.weights = p["base"], p["weights"]
             case.shared += [p["base"], p["weights"]]  # the run's config names them
-        ctx = _Ctx(vre_ckpt, adapter, lora, case.marker, seed)
+        ctx = _Ctx(vre_ckpt, adapter, lora, case.marker, seed, nets, root / "_pristine" / spec.target)
         spec.make(case.offending, ctx)
         if case.run is not None and not getattr(spec.make, "unsealed", False):
             reseal_manifest(case.run / CKPT, p["run"] / CKPT)
@@ -752,7 +1046,12 @@ def build_corpus(root: str | os.PathLike, seed: int = 0, names: set[str] | None 
 
 def write_readme(root: Path, cases: list[Case]) -> Path:
     lines = ["# Hostile-input corpus (generated by tests/hostile/corpus.py)", "",
-             "Each case is a pristine tiny model input with one hostile file (or folder). Expected: "
+             "Each case is a pristine tiny model input with one hostile file (or folder): the diffusion model "
+             "inputs (official layout, converted model folder, stage-2 run), the face-layer files of `restore` / "
+             "`align` (`--detector-weights` RetinaFace .pth / YuNet .onnx, `--parsing-model`, `--bg-upsampler` "
+             ".pth / .safetensors) and the metric weight files of `evaluate` / `benchmark-table` "
+             "(`--weights-dir`). The valid originals are in `_pristine/` (face-layer and metric files: "
+             "osdface's own networks with random weights). Expected: "
              f"`{REFUSE}` = exit 2, one `osdface: error:` line naming the file, nothing written, inputs "
              f"unchanged; `{REFUSE_OR_FAIL_INPUT}` = that, or exit 1 from restore reporting each input; "
              f"`{REFUSE_OR_ACCEPT}` = that or exit 0; `{ACCEPT}` = exit 0. `bomb` cases can make an "
@@ -761,6 +1060,8 @@ def write_readme(root: Path, cases: list[Case]) -> Path:
     for c in cases:
         lines.append(f"| {c.name} | {c.target} | {c.expect} | {'yes' if c.bomb else ''} | {', '.join(c.commands)} "
                      f"| {c.description} |")
+    lines += ["", "Metric weight files not in the corpus:", ""]
+    lines += [f"* {name}: {why}" for name, why in SKIPPED_METRIC_FILES.items()]
     lines += ["", "Command lines (INPUTS = _pristine/inputs, OUT = an empty folder):", ""]
     first = {}
     for c in cases:
@@ -827,11 +1128,23 @@ def run_capped(plan_file: str) -> None:
             f.flush()
 
 
-CONTROLS = [(family, command) for family, commands in FAMILY_COMMANDS.items() for command in commands]
+CONTROLS = [(family, command) for family, commands in FAMILY_COMMANDS.items() if family not in NO_PRISTINE
+            for command in commands]
+#: Controls the capped child runs to calibrate its cap: those of the families with bombs, less the
+#: commands that read what another one reads (export-official, align, benchmark-table) and train-resume
+#: (it would write into the pristine run).
+CAPPED_CONTROLS = [(family, command) for family, command in CONTROLS
+                   if command not in ("export-official", "train-resume", "align", "benchmark-table")
+                   and any(s.bomb and s.family == family for s in SPECS)]
+#: The folders of ``_pristine`` the controls read.
+PRISTINE_DIRS = ("official", "model", "run", "inputs", "face", "metrics")
 
 
 def pristine_case(pristine: Path, family: str) -> Case:
     """The valid originals of ``family`` as a case (expect: exit 0)."""
+    if family in FILE_FAMILIES:
+        return Case(f"{family}/pristine", family, FILE_FAMILIES[family], "the valid file", ACCEPT, root=pristine,
+                    model=pristine / "model")
     case = Case(f"{family}/pristine", family, "", "the valid tiny inputs", ACCEPT, root=pristine / "control-root",
                 base=pristine / "official" / BASE, weights=pristine / "official" / WEIGHTS,
                 model=pristine / "model", run=pristine / "run")
@@ -871,9 +1184,7 @@ def start_capped(cases: dict[str, Case], pristine: Path, work: Path, timeout_s: 
 
     inputs = pristine / "inputs"
     controls = []
-    for family, command in CONTROLS:
-        if command in ("export-official", "train-resume"):
-            continue  # export -o covers the same reads; a resume would write into the pristine run
+    for family, command in CAPPED_CONTROLS:
         d = work / "controls" / f"{family}-{command}"
         d.mkdir(parents=True)
         controls.append(argv_for(pristine_case(pristine, family), command, inputs, d))

@@ -1,10 +1,15 @@
 """Issue 12: every subcommand that reads models, run on every case of the hostile-input corpus.
 
+That is the diffusion model inputs (restore, convert, train generator, export), the face-layer
+files (restore / align: --detector-weights, --parsing-model, --bg-upsampler) and the metric
+weight files (evaluate / benchmark-table --weights-dir).
+
 For each (case, subcommand): no exception escapes ``osdface.cli.main`` (no traceback), the exit
 code is 2 (1 only where restore reports a per-input failure, e.g. non-finite output from NaN
-weights), stderr's last line is ``osdface: error: ...`` naming the offending file, nothing is
-written to the output folder (not even hidden temp files), every input file is byte-identical
-afterwards and no code from a file ran. See ``corpus.py`` for the cases.
+weights), stderr's last line is ``osdface: error: ...`` naming the offending file, stderr gives no
+advice to load a file unsafely (``weights_only=False``, numpy's ``allow_pickle``), nothing is written
+to the output folder (not even hidden temp files), every input file is byte-identical afterwards and
+no code from a file ran. See ``corpus.py`` for the cases.
 
 Memory bombs run in one child process whose ``RLIMIT_AS`` is calibrated there: the child first
 runs each subcommand on the pristine tiny inputs, reads its peak address space (``VmPeak``, about
@@ -24,9 +29,11 @@ from osdface.cli import main
 from .corpus import (
     ACCEPT,
     CAP_MARGIN,
+    CAPPED_CONTROLS,
     CONTROLS,
     FAMILY_COMMANDS,
     PER_INPUT_COMMANDS,
+    PRISTINE_DIRS,
     REFUSE,
     REFUSE_OR_ACCEPT,
     REFUSE_OR_FAIL_INPUT,
@@ -68,6 +75,8 @@ def judge(case: Case, command: str, rc, exception: str | None, stderr: str, out:
         problems.append("stderr holds a traceback")
     if "weights_only=False" in stderr:
         problems.append("stderr suggests weights_only=False")
+    if "load it unsafely" in stderr or "pickle.load()" in stderr:
+        problems.append("stderr suggests loading the pickle unsafely (numpy's allow_pickle / pickle.load advice)")
     if case.marker.exists():
         problems.append("code from the file ran (its os.system payload created the marker)")
     changed = sorted({k for k in before if before[k] != after.get(k)} | (set(after) - set(before)))
@@ -128,7 +137,7 @@ def test_pristine_inputs_work(family, command, hostile, tmp_path, capsys):
     if command == "train-resume":  # writes into the run: resume a copy
         case.run = Path(shutil.copytree(case.run, tmp_path / "run"))
         out = case.run / "export"
-    roots = [hostile.pristine / d for d in ("official", "model", "run", "inputs")]
+    roots = [hostile.pristine / d for d in PRISTINE_DIRS]
     before = sha256_tree(roots)
     assert main(argv_for(case, command, hostile.inputs, out)) == 0, capsys.readouterr().err[-2000:]
     assert sha256_tree(roots) == before
@@ -146,7 +155,7 @@ def capped_records(hostile):
 def test_memory_cap_is_calibrated_on_a_normal_run(hostile, capped_records):
     """The child ran each subcommand on the pristine inputs cleanly before capping itself."""
     controls = [r for r in capped_records if "control" in r]
-    assert len(controls) == len(CONTROLS) - 2, hostile.capped.ended
+    assert len(controls) == len(CAPPED_CONTROLS), hostile.capped.ended
     assert all(r["rc"] == 0 and not r["exception"] for r in controls), [r["stderr"][-500:] for r in controls]
     cal = next(r["calibration"] for r in capped_records if "calibration" in r)
     assert cal["cap"] == cal["vm_peak"] + CAP_MARGIN
