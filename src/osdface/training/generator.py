@@ -22,7 +22,6 @@ from ..errors import WeightsNotFoundError
 from ..io.model_folders import write_official_layout
 from ..io.names import OFFICIAL_VRE_FILE
 from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder
-from ..utils.io import normalize_permissions
 from ..utils.logging import get_logger
 from .checkpoint import load_module_folder, resolve_checkpoint
 from .generator_config import GeneratorModelConfig, load_generator_config
@@ -211,8 +210,7 @@ def export_generator(run_or_checkpoint: str | os.PathLike, out_dir: str | os.Pat
             pipe.to(dtype=dtype)
     result: dict[str, Any] = {"checkpoint": ckpt, "model": None, "official": None}
     if pipe is not None:  # first: the CLI writes it into a temporary folder that a later error removes
-        result["model"] = pipe.save_pretrained(out_dir, fuse_lora=fuse_lora)
-        normalize_permissions(out_dir)
+        result["model"] = pipe.save_pretrained(out_dir, fuse_lora=fuse_lora)  # normal permissions included
         logger.info("exported %s to %s", ckpt, out_dir)
     if official_dir is not None:
         result["official"] = write_official_layout(vre, adapter, lora.state_dict, official_dir)
