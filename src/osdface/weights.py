@@ -32,6 +32,7 @@ from .io.names import (  # re-exported here, their old home (file names live in 
     OFFICIAL_VRE_PREFIX,
 )
 from .io.state_dicts import check_state_dict
+from .model_limits import first_nonfinite_key
 from .safe_load import load_safetensors, load_torch_checkpoint
 
 #: what the official files must be, in :func:`~osdface.io.state_dicts.check_state_dict`'s messages
@@ -119,9 +120,9 @@ def check_release_tensors(source: Path, sd: dict, what: str) -> None:
             raise ModelFileError(f"{source}: '{k}' is a {type(v).__name__}, not a tensor")
         if not v.is_floating_point():
             raise ModelFileError(f"{source}: '{k}' has dtype {v.dtype}; {what} weights must be floating point")
-    for k, v in sd.items():
-        if not bool(torch.isfinite(v).all()):
-            raise ModelFileError(f"{source}: '{k}' contains NaN or Inf values; the {what} file is broken")
+    bad = first_nonfinite_key(sd)
+    if bad is not None:
+        raise ModelFileError(f"{source}: '{bad}' contains NaN or Inf values; the {what} file is broken")
 
 
 def load_official_vre_state_dict(path: str | os.PathLike, expected: dict[str, torch.Tensor] | None = None):
