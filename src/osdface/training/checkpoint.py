@@ -41,6 +41,7 @@ from torch import nn
 
 from ..errors import ModelFileError, OSDFaceError, WeightsNotFoundError
 from ..io.names import WEIGHTS_NAME as _WEIGHTS_NAME
+from ..model_limits import read_config
 from ..utils.io import normalize_permissions, read_json, write_text_atomic
 from ..utils.logging import get_logger
 
@@ -122,9 +123,7 @@ def read_trainer_state(ckpt: str | Path) -> dict[str, Any]:
     """
     ckpt = Path(ckpt)
     source = ckpt / TRAINER_STATE
-    state = read_json(source, what="trainer state")
-    if not isinstance(state, dict):
-        raise ModelFileError(f"{source}: the trainer state must be a JSON object, got {type(state).__name__}")
+    state = read_config(source, "trainer state")
     step = _counter(state, "step", source, 1, MAX_STEP)
     m = _STEP_DIR.match(ckpt.name)
     if m and int(m.group(1)) != step:

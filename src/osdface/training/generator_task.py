@@ -79,14 +79,12 @@ def load_discriminator(folder: str | os.PathLike, unet) -> LatentDiscriminator:
     Raises:
         ModelFileError: a malformed or implausible config, or tensors that do not match it (named).
     """
+    from ..model_limits import read_config
     from ..safe_load import load_safetensors
-    from ..utils.io import read_json
 
     folder = Path(folder)
     config_file = folder / "config.json"
-    cfg = read_json(config_file, what="discriminator config")
-    if not isinstance(cfg, dict):
-        raise ModelFileError(f"{config_file}: the discriminator config must be a JSON object")
+    cfg = read_config(config_file, "discriminator config")
     try:  # the head and LoRA sizes against the training config's bounds (the backbone is the UNet's)
         LatentDiscriminatorConfig(**{k: cfg[k] for k in ("head_channels", "lora_rank", "lora_alpha") if k in cfg})
     except (ConfigError, TypeError) as e:

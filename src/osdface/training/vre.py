@@ -207,15 +207,13 @@ def _load_into(module: nn.Module, folder: Path) -> None:
         ModelFileError: naming the file: malformed config, another architecture, or tensors that do not fit.
     """
     from ..io.state_dicts import load_checked
+    from ..model_limits import read_config
     from ..safe_load import load_safetensors
-    from ..utils.io import read_json
 
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise WeightsNotFoundError(f"{config_file}: model config not found")
-    theirs = read_json(config_file, what="model config")
-    if not isinstance(theirs, dict):
-        raise ModelFileError(f"{config_file}: the model config must be a JSON object")
+    theirs = read_config(config_file, "model config")
     ours = dict(module.config)
     diff = sorted(k for k in ours if not k.startswith("_") and k in theirs
                   and list(_aslist(ours[k])) != list(_aslist(theirs[k])))
