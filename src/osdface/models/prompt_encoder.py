@@ -7,7 +7,8 @@ entry; the *distinct* entries, ordered by how well they match, become the prompt
 each token to the UNet's cross-attention width.
 
 The official selection loops in Python per sample and crashes for batch > 1; here it is
-vectorised over the batch (:func:`select_prompt_tokens`) and equal to the per-sample rule.
+vectorised over the batch (:func:`select_prompt_tokens`), equal to the per-sample rule, and built
+from fixed-shape ops that export to ONNX (no sort, top-k or scatter-reduce).
 """
 
 from __future__ import annotations
@@ -44,14 +45,39 @@ def code_distances(h: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return torch.sum(z**2, dim=2, keepdim=True) + torch.sum(e**2, dim=1) - 2 * torch.matmul(z, e.t())
 
 
+def _precedence(dmin: torch.Tensor) -> torch.Tensor:
+    """``(B, K)`` keys → ``(B, K, K)`` bool, ``[b, i, j]`` true when position j comes before position i.
+
+    The order is the one of a stable ascending sort (``torch.sort(stable=True)``): a smaller key
+    first, equal keys by position index; NaN after every number (``+inf`` included) and equal to
+    NaN; ``-0.0`` equal to ``0.0``. It is a strict total order, so the rank of position i (its place
+    in the sorted order) is the number of positions before it. Only elementwise comparisons and
+    logical ops, so it exports to ONNX with fixed shapes (no Sort/TopK, whose ties are not stable).
+    """
+    k = dmin.shape[1]
+    pos = torch.arange(k, device=dmin.device)
+    di, dj = dmin.unsqueeze(2), dmin.unsqueeze(1)  # (B, K, 1) for i, (B, 1, K) for j
+    nan_i, nan_j = torch.isnan(di), torch.isnan(dj)
+    less = (dj < di) | (nan_i & ~nan_j)
+    equal = (dj == di) | (nan_i & nan_j)
+    return less | (equal & (pos.unsqueeze(0) < pos.unsqueeze(1)))  # (B, K, K)
+
+
 def select_prompt_tokens(
     distances: torch.Tensor, codebook: torch.Tensor, num_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The OSDFace token rule, batched (docs/method.md §2.3).
 
-    Per sample: nearest code of each position; positions sorted by their nearest-code distance
-    (ascending); walk that order and keep each code the first time it appears; stop at
-    ``num_tokens`` codes; pad with zero vectors.
+    Per sample: nearest code of each position (the lowest code index on ties); positions sorted
+    by their nearest-code distance (ascending, ties by position index: a stable sort); walk that
+    order and keep each code the first time it appears; stop at ``num_tokens`` codes; pad with
+    zero vectors.
+
+    Written with fixed shapes and ONNX-friendly ops only (comparisons, logical ops, sums,
+    gathers; no sort, top-k, scatter-reduce, nonzero or unique) so that it exports: with the
+    ``(B, K, K)`` precedence relation ``P`` of :func:`_precedence`, position i is kept when no
+    position before it has the same code, its slot is the number of kept positions before it,
+    and slot s takes the code of the kept position whose slot is s (``-1`` when there is none).
 
     Args:
         distances: ``(B, K, N)`` position-to-code distances.
@@ -61,21 +87,16 @@ def select_prompt_tokens(
     Returns:
         tokens ``(B, T, C)`` (codebook dtype), and code indices ``(B, T)`` (int64, -1 for padding).
     """
-    b, k, n = distances.shape
-    dmin, codes = distances.min(dim=2)  # (B, K): best distance and code per position
-    order = torch.sort(dmin, dim=1, stable=True).indices  # (B, K): positions, best first
-    codes_sorted = torch.gather(codes, 1, order)  # (B, K)
-    rank = torch.arange(k, device=codes.device).expand(b, k)
-    # first rank at which each code appears (k = never): first-occurrence de-duplication
-    first = torch.full((b, n), k, dtype=torch.long, device=codes.device)
-    first.scatter_reduce_(1, codes_sorted, rank, reduce="amin", include_self=True)
-    first_sorted, code_order = torch.sort(first, dim=1, stable=True)  # (B, N): codes by first rank
-    take = min(num_tokens, n)
-    idx = code_order[:, :take]  # (B, take)
-    valid = first_sorted[:, :take] < k  # (B, take)
-    idx = torch.where(valid, idx, torch.full_like(idx, -1))
-    if take < num_tokens:  # a dictionary smaller than the prompt: always zero-filled at the end
-        idx = torch.cat([idx, idx.new_full((b, num_tokens - take), -1)], dim=1)
+    dmin, codes = distances.min(dim=2)  # (B, K): best distance and code (first minimum) per position
+    before = _precedence(dmin)  # (B, K, K): [b, i, j] = j before i
+    same = codes.unsqueeze(2) == codes.unsqueeze(1)  # (B, K, K): [b, i, j] = same code at i and j
+    keep = (before & same).sum(dim=2) == 0  # (B, K): first occurrence of its code in the walk
+    slot = (before & keep.unsqueeze(1)).sum(dim=2)  # (B, K): kept positions before i
+    slots = torch.arange(num_tokens, device=codes.device)  # (T,)
+    hit = keep.unsqueeze(1) & (slot.unsqueeze(1) == slots.view(1, -1, 1))  # (B, T, K): at most one per row
+    found = hit.sum(dim=2) > 0  # (B, T)
+    idx = torch.where(hit, codes.unsqueeze(1), torch.zeros_like(codes).unsqueeze(1)).sum(dim=2)  # (B, T)
+    idx = torch.where(found, idx, torch.full_like(idx, -1))
     tokens = codebook[idx.clamp(min=0)] * (idx >= 0).unsqueeze(-1).to(codebook.dtype)  # (B, T, C)
     return tokens, idx
 
