@@ -79,6 +79,7 @@ def load_discriminator(folder: str | os.PathLike, unet) -> LatentDiscriminator:
     Raises:
         ModelFileError: a malformed or implausible config, or tensors that do not match it (named).
     """
+    from ..io.state_dicts import check_state_dict
     from ..model_limits import read_config
     from ..safe_load import load_safetensors
 
@@ -95,11 +96,8 @@ def load_discriminator(folder: str | os.PathLike, unet) -> LatentDiscriminator:
         raise ModelFileError(f"{config_file}: cannot build the discriminator from it ({e})") from e
     disc.load_backbone_from_unet(unet)
     sd = load_safetensors(folder / DISC_TRAINABLE_NAME, what="discriminator")
-    expected = disc.trainable_state_dict()
-    wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
-    if set(sd) != set(expected) or wrong:
-        raise ModelFileError(f"{folder / DISC_TRAINABLE_NAME}: trainable tensors do not match the discriminator "
-                             f"config ({len(set(sd) ^ set(expected))} keys differ, {len(wrong)} shapes differ)")
+    check_state_dict(sd, disc.trainable_state_dict(), folder / DISC_TRAINABLE_NAME,
+                     f"the trainable tensors of the discriminator in {config_file.name}")
     disc.load_state_dict(sd, strict=False)
     return disc
 
