@@ -2,7 +2,6 @@
 (issue 14, item 2; docs/method.md §2.3), and exports to ONNX without Sort/TopK/scatter-reduce."""
 
 import io
-import time
 
 import pytest
 import torch
@@ -158,18 +157,6 @@ def test_dtypes_and_devices_unchanged():
     _check(d.double(), torch.randn(16, 4, generator=g), 10)
     _check(d.half(), torch.randn(16, 4, generator=g), 10)
     _check(torch.randint(0, 3, (2, 32, 16), generator=g).half(), torch.randn(16, 4, generator=g), 10)
-
-
-def test_released_size_is_fast():
-    g = torch.Generator().manual_seed(0)
-    d, codebook = torch.rand(8, 256, 1024, generator=g), torch.randn(1024, 512, generator=g)
-    select_prompt_tokens(d, codebook, 77)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        select_prompt_tokens(d, codebook, 77)
-        best = min(best, time.perf_counter() - start)
-    assert best < 0.05  # a few ms on a laptop CPU; generous for loaded CI machines
 
 
 class _Selector(torch.nn.Module):
