@@ -40,6 +40,7 @@ import yaml
 from torch import nn
 
 from ..errors import ModelFileError, OSDFaceError, WeightsNotFoundError
+from ..io.names import CONFIG_NAME
 from ..io.names import WEIGHTS_NAME as _WEIGHTS_NAME
 from ..model_limits import read_config
 from ..utils.io import normalize_permissions, read_json, write_text_atomic
@@ -378,7 +379,7 @@ WEIGHTS_NAME = _WEIGHTS_NAME  # re-exported: the old home of the name (file name
 
 def load_module_folder(klass, folder: str | Path, what: str,
                        check: Callable[[dict[str, Any], Path], None] | None = None,
-                       config_name: str = "config.json", weights: bool = True):
+                       config_name: str = CONFIG_NAME, weights: bool = True):
     """``klass.from_pretrained(folder)`` for a folder of a user (a checkpoint component, a base model
     part), checked before anything is allocated: :func:`osdface.io.model_folders.load_module_folder`.
 

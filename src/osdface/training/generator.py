@@ -20,7 +20,7 @@ import torch
 
 from ..errors import WeightsNotFoundError
 from ..io.model_folders import write_official_layout
-from ..io.names import OFFICIAL_VRE_FILE
+from ..io.names import CONFIG_NAME, OFFICIAL_VRE_FILE
 from ..models.prompt_encoder import PromptAdapter, VisualPromptEncoder
 from ..utils.logging import get_logger
 from .checkpoint import load_module_folder, resolve_checkpoint
@@ -57,10 +57,10 @@ def load_vre(path: str | os.PathLike) -> VisualPromptEncoder:
 
     p = Path(path).expanduser()
     if p.is_dir():
-        if (p / "config.json").is_file():
+        if (p / CONFIG_NAME).is_file():
             return load_vre_folder(p)
         for sub in (p / "vre", p / "export" / "vre"):  # a stage-1 export or run folder
-            if (sub / "config.json").is_file():
+            if (sub / CONFIG_NAME).is_file():
                 return load_vre_folder(sub)
         if (p / OFFICIAL_VRE_FILE).is_file():
             p = p / OFFICIAL_VRE_FILE

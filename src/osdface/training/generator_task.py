@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import ModelFileError
 from ..image import to_model_range
-from ..io.names import LORA_SUBFOLDER
+from ..io.names import CONFIG_NAME, LORA_SUBFOLDER
 from ..losses.bundle import LossBundle, build_loss, loss_input_range
 from ..models.latent_discriminator import LatentDiscriminator
 from ..models.prompt_encoder import PromptAdapter
@@ -84,7 +84,7 @@ def load_discriminator(folder: str | os.PathLike, unet) -> LatentDiscriminator:
     from ..safe_load import load_safetensors
 
     folder = Path(folder)
-    config_file = folder / "config.json"
+    config_file = folder / CONFIG_NAME
     cfg = read_config(config_file, "discriminator config")
     try:  # the head and LoRA sizes against the training config's bounds (the backbone is the UNet's)
         LatentDiscriminatorConfig(**{k: cfg[k] for k in ("head_channels", "lora_rank", "lora_alpha") if k in cfg})

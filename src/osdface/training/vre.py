@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import ModelFileError, WeightsNotFoundError
 from ..image import from_model_range, to_model_range
+from ..io.names import CONFIG_NAME
 from ..losses.adversarial import GANLoss, adaptive_gan_weight
 from ..losses.association import CLIP_LOGIT_SCALE_INIT, AssociationLoss
 from ..losses.bundle import LossBundle, build_loss
@@ -210,7 +211,7 @@ def _load_into(module: nn.Module, folder: Path) -> None:
     from ..model_limits import read_config
     from ..safe_load import load_safetensors
 
-    config_file = folder / "config.json"
+    config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise WeightsNotFoundError(f"{config_file}: model config not found")
     theirs = read_config(config_file, "model config")
@@ -231,7 +232,7 @@ def _aslist(v):
 def init_branch(path: str, branch: str, vqgan: VQAutoencoder, disc: NLayerDiscriminator | None) -> None:
     """Load branch ``hq``/``lq`` weights from a checkpoint/run folder or a bare ``VQAutoencoder`` folder."""
     p = Path(path).expanduser()
-    if (p / "config.json").is_file():
+    if (p / CONFIG_NAME).is_file():
         _load_into(vqgan, p)
         logger.info("%s branch initialised from %s", branch, p)
         return
