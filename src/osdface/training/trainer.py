@@ -179,6 +179,7 @@ class Trainer:
         self.epoch, self.batch_in_epoch = 0, 0
         self.accelerator = None
         self._writer = None
+        self.resumed_from: Path | None = None  # the validated checkpoint a resumed run started from
 
     # ------------------------------------------------------------------------ set-up
     def _setup(self) -> None:
@@ -197,6 +198,7 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints (latest {existing[-1].name}); pass resume (--resume) "
                 "to continue that run, or choose a new run folder")
         ckpt = latest_checkpoint(self.run_dir) if self.resume else None  # newest intact one, validated
+        self.resumed_from = ckpt
         if self.resume and ckpt is None:
             raise WeightsNotFoundError(f"resume requested but {self.run_dir / 'checkpoints'} holds no checkpoint")
         self.task.build(acc)
@@ -367,7 +369,7 @@ class Trainer:
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
                 last_ckpt = self.save()
         if self.step == cfg.max_steps and last_ckpt is None:
-            last_ckpt = latest_checkpoint(self.run_dir)
+            last_ckpt = self.resumed_from  # resumed at max_steps: validated at start, not re-hashed
         self._validate(val_batches)
         exported: list[Path] = []
         if acc.is_main_process:
