@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "degrade": "osdface.cli.degrade",
     "align": "osdface.cli.align",
     "export": "osdface.cli.export",
+    "export-onnx": "osdface.cli.export_onnx",
     "evaluate": "osdface.cli.evaluate",  # also registers `benchmark-table`
     "weights": "osdface.cli.weights",
 }

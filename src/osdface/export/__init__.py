@@ -1,0 +1,1 @@
+"""Exporters of a loaded pipeline to other runtimes (:mod:`osdface.export.onnx`: ONNX graphs + manifest)."""

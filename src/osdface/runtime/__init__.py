@@ -1,0 +1,1 @@
+"""Runners of exported pipelines (:mod:`osdface.runtime.onnx_runner`: ONNX Runtime)."""
