@@ -238,3 +238,31 @@ def test_cli_bad_model_dir(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("osdface: error:") and "nowhere" in err and "\n" not in err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ osdface restore --backend onnxruntime
+def test_restore_backend_onnxruntime(model_dir, static_dir, tmp_path, capsys):
+    from PIL import Image
+
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for i, face in enumerate((_faces(2) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(face).save(crops / f"face{i}.png")
+    common = [str(crops), "--aligned", "--device", "cpu", "--batch-size", "2"]
+    assert main(["restore", *common, "-o", str(tmp_path / "onnx"), "--model", str(static_dir),
+                 "--backend", "onnxruntime"]) == 0
+    assert main(["restore", *common, "-o", str(tmp_path / "torch"), "--model", str(model_dir), "--dtype", "fp32"]) == 0
+    for i in range(2):
+        a = np.asarray(Image.open(tmp_path / "onnx" / f"face{i}.png"), dtype=int)
+        b = np.asarray(Image.open(tmp_path / "torch" / f"face{i}.png"), dtype=int)
+        assert np.abs(a - b).max() <= 1
+    capsys.readouterr()
+    for extra, message in ((["--aligned"], "--backend onnxruntime"), ([], "aligned crops only"),
+                           (["--aligned", "--dtype", "fp16"], "exported in float32"),
+                           (["--aligned", "--latent", "sample"], "posterior mode only")):
+        args = [str(crops), "-o", str(tmp_path / "bad"), "--backend", "onnxruntime", *extra]
+        if message != "--backend onnxruntime":
+            args += ["--model", str(static_dir)]
+        assert main(["restore", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err

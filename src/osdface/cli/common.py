@@ -241,6 +241,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="run precision (default: fp16 on CUDA, fp32 elsewhere)")
     g.add_argument("--no-fuse-lora", dest="fuse_lora", action="store_false",
                    help="keep the LoRA unmerged (peft) instead of merging it into the UNet")
+    g.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
+                   help="torch (default), or onnxruntime: --model is then a folder written by osdface export-onnx "
+                   "(aligned crops, --latent mode; precision fixed at export)")
 
 
 def load_pipeline_from_args(args):
@@ -257,6 +260,8 @@ def load_pipeline_from_args(args):
         osdface_home,
     )
 
+    if getattr(args, "backend", "torch") == "onnxruntime":
+        return load_onnx_runner_from_args(args)
     device = resolve_device(args.device)
     dtype = args.dtype
     if dtype == "auto":
@@ -288,6 +293,38 @@ def load_pipeline_from_args(args):
             f"Set OSDFACE_HOME to use another folder than {home}.\n"
             f"{OFFICIAL_WEIGHTS_HELP}"
         ) from e
+
+
+def load_onnx_runner_from_args(args):
+    """``--backend onnxruntime``: the :class:`~osdface.runtime.onnx_runner.OnnxRuntimePipeline` of the ONNX
+    folder ``--model`` (aligned crops only; ``--device`` picks the execution providers)."""
+    from ..errors import DeviceError
+    from ..runtime.onnx_runner import OnnxRuntimePipeline, default_providers
+
+    if not args.model or args.base_model or args.weights:
+        raise CLIError("--backend onnxruntime needs --model ONNX_DIR (a folder written by osdface export-onnx) "
+                       "and no --base-model/--weights")
+    if not getattr(args, "aligned", False):
+        raise CLIError("--backend onnxruntime restores aligned crops only: add --aligned")
+    if getattr(args, "latent", "mode") != "mode":
+        raise CLIError("--backend onnxruntime encodes the posterior mode only: drop --latent sample")
+    providers = default_providers()
+    device = str(args.device)
+    if device == "cpu":
+        providers = ["CPUExecutionProvider"]
+    elif device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in providers:
+            raise DeviceError("device 'cuda' requested but this onnxruntime has no CUDA execution provider "
+                              "(install onnxruntime-gpu)")
+        providers = [p for p in providers if p != "TensorrtExecutionProvider"]
+    elif device != "auto":
+        raise CLIError(f"--device {device}: --backend onnxruntime runs on auto, cpu or cuda")
+    runner = OnnxRuntimePipeline.from_folder(args.model, providers=providers)
+    wanted = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(args.dtype)
+    if wanted is not None and wanted != runner.manifest["dtype"]:
+        raise CLIError(f"--dtype {args.dtype}: {args.model} was exported in {runner.manifest['dtype']} "
+                       "(the precision is fixed at export; drop --dtype or export again)")
+    return runner
 
 
 def report_error(message: str) -> None:

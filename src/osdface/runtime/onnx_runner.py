@@ -248,8 +248,10 @@ class OnnxRuntimePipeline:
 
     @torch.inference_mode()
     def __call__(self, images, output_type: OutputType = "pt", latent: Literal["mode"] = "mode",
-                 rounding: Literal["round", "truncate"] = "round", return_dict: bool = True):
-        """Restore aligned RGB face crops (see :meth:`OSDFacePipeline.__call__`).
+                 generator: torch.Generator | None = None, rounding: Literal["round", "truncate"] = "round",
+                 return_dict: bool = True):
+        """Restore aligned RGB face crops (see :meth:`OSDFacePipeline.__call__`; ``generator`` is accepted
+        for the same signature and unused: the posterior mode involves no randomness).
 
         Raises:
             ImageError: inputs that are not RGB images in [0, 1] or not square.
