@@ -23,6 +23,8 @@ FORBIDDEN = {
     "osdface.losses": ("osdface.evaluation", "osdface.training", "osdface.cli", "osdface.face"),
     "osdface.pipelines": ("osdface.evaluation", "osdface.training", "osdface.cli", "osdface.face", "osdface.losses"),
     "osdface.face": ("osdface.evaluation", "osdface.training", "osdface.cli"),
+    "osdface.export": ("osdface.face", "osdface.evaluation", "osdface.training", "osdface.cli", "osdface.runtime"),
+    "osdface.runtime": ("osdface.face", "osdface.evaluation", "osdface.training", "osdface.cli", "osdface.export"),
     "osdface.data": ("osdface.evaluation", "osdface.training", "osdface.cli"),
     "osdface.evaluation": ("osdface.training", "osdface.cli"),
     "osdface.training": ("osdface.cli",),

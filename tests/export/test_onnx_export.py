@@ -23,7 +23,6 @@ from osdface.export.onnx import (  # noqa: E402
     graph_modules,
     sha256_file,
 )
-from osdface.runtime import onnx_runner  # noqa: E402
 from osdface.runtime.onnx_runner import OnnxRuntimePipeline  # noqa: E402
 from osdface.testing import TINY_RESOLUTION, tiny_pipeline  # noqa: E402
 
@@ -77,14 +76,6 @@ def test_each_graph_matches_its_torch_module(pipe, dynamic_dir, name):
             assert (e >= 0).any()
         else:
             assert np.abs(g - e.numpy()).max() <= 1e-4
-
-
-def test_exporter_and_runner_agree_on_the_format():
-    from osdface.export import onnx as exporter
-
-    assert (onnx_runner.FORMAT, onnx_runner.FORMAT_VERSION, onnx_runner.MANIFEST_NAME) == (
-        exporter.FORMAT, exporter.FORMAT_VERSION, exporter.MANIFEST_NAME)
-    assert onnx_runner.GRAPH_IO == exporter.GRAPH_IO
 
 
 def test_static_graphs_take_one_image(static_dir):

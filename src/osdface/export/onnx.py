@@ -42,34 +42,18 @@ from torch import nn
 
 from .._version import __version__
 from ..errors import InvalidSettingError, ModelFileError
+from ..io.onnx_format import FORMAT, FORMAT_VERSION, GRAPH_FILES, GRAPH_IO, MANIFEST_NAME
 from ..utils.io import atomic_dir
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-#: format id and version of an exported folder (``manifest.json``); the runner refuses other versions.
-FORMAT = "osdface-onnx"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+#: the folder's format id/version, manifest and graph names: :mod:`osdface.io.onnx_format`
 DEFAULT_OPSET = 17
 #: name of the dynamic batch axis in the graphs and the manifest (``--dynamic-batch``)
 BATCH_AXIS = "batch"
 #: weights above this many bytes go to external data (protobuf refuses messages of 2 GiB and more)
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
-#: graph name → file, in the order the pipeline runs them
-GRAPH_FILES = {
-    "vae_encoder": "vae_encoder.onnx",
-    "prompt_encoder": "prompt_encoder.onnx",
-    "unet": "unet.onnx",
-    "vae_decoder": "vae_decoder.onnx",
-}
-#: graph name → (input names, output names)
-GRAPH_IO = {
-    "vae_encoder": (("image",), ("latent",)),
-    "prompt_encoder": (("image",), ("prompt", "prompt_indices")),
-    "unet": (("latent", "prompt"), ("noise_pred",)),
-    "vae_decoder": (("latent",), ("image",)),
-}
 
 
 # ------------------------------------------------------------------------------ the graph modules

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import InvalidSettingError, ModelFileError
 from ..image import from_model_range
+from ..io.onnx_format import FORMAT, FORMAT_VERSION, GRAPH_IO, MANIFEST_NAME
 from ..pipelines.output import OSDFacePipelineOutput
 from ..pipelines.pipeline_osdface import OSDFacePipeline, OutputType, _convert_output
 from ..utils.io import read_json
@@ -25,19 +26,6 @@ from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-# What this runner reads: the folder format written by osdface.export.onnx (the exporter's side of the
-# same contract; tests/export checks that both agree). Defined here, not imported: the runtime layer
-# depends on the format, not on the exporter.
-FORMAT = "osdface-onnx"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-#: graph name → (input names, output names), in the order the restoration runs them
-GRAPH_IO = {
-    "vae_encoder": (("image",), ("latent",)),
-    "prompt_encoder": (("image",), ("prompt", "prompt_indices")),
-    "unet": (("latent", "prompt"), ("noise_pred",)),
-    "vae_decoder": (("latent",), ("image",)),
-}
 #: preferred execution providers, best first; the CPU one is always available
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
