@@ -6,11 +6,10 @@ import json
 import shutil
 
 import numpy as np
+import onnx  # noqa: F401 - the dev set-up installs the onnx extra: a missing package fails, never skips
+import onnxruntime as ort
 import pytest
 import torch
-
-pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
 
 from osdface.cli import main  # noqa: E402
 from osdface.errors import InvalidSettingError, ModelFileError  # noqa: E402
