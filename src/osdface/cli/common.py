@@ -231,6 +231,10 @@ def add_overwrite_arg(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help=f"replace {what} if it exists (refused otherwise)")
 
 
+#: --backend values: torch runs the model folder in PyTorch; the others run an ONNX export folder
+BACKENDS = ("torch", "onnxruntime", "openvino")
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model (default: $OSDFACE_HOME/model, else $OSDFACE_HOME/{stable-diffusion-2-1-base,OSDFace})")
     g.add_argument("--model", metavar="MODEL_DIR", help="a converted osdface model folder")
@@ -241,9 +245,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="run precision (default: fp16 on CUDA, fp32 elsewhere)")
     g.add_argument("--no-fuse-lora", dest="fuse_lora", action="store_false",
                    help="keep the LoRA unmerged (peft) instead of merging it into the UNet")
-    g.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"],
-                   help="torch (default), or onnxruntime: --model is then a folder written by osdface export-onnx "
-                   "(aligned crops, --latent mode; precision fixed at export)")
+    g.add_argument("--backend", default="torch", choices=list(BACKENDS),
+                   help="torch (default), onnxruntime or openvino: with the last two --model is a folder written by "
+                   "osdface export-onnx (--latent mode only; precision fixed at export; --device: onnxruntime "
+                   "auto|cpu|cuda, openvino auto|cpu|gpu[.N]|npu)")
 
 
 def load_pipeline_from_args(args):
@@ -260,8 +265,8 @@ def load_pipeline_from_args(args):
         osdface_home,
     )
 
-    if getattr(args, "backend", "torch") == "onnxruntime":
-        return load_onnx_runner_from_args(args)
+    if getattr(args, "backend", "torch") != "torch":
+        return load_exported_runner_from_args(args)
     device = resolve_device(args.device)
     dtype = args.dtype
     if dtype == "auto":
@@ -295,21 +300,46 @@ def load_pipeline_from_args(args):
         ) from e
 
 
+def load_exported_runner_from_args(args):
+    """``--backend onnxruntime|openvino``: the runner of the ONNX folder ``--model``
+    (:class:`~osdface.runtime.onnx_runner.OnnxRuntimePipeline` or
+    :class:`~osdface.runtime.openvino_runner.OpenVinoPipeline`), for aligned crops, whole photos and
+    videos alike. The refusals (no ONNX folder, ``--latent sample``, a ``--dtype`` other than the
+    export's) are the same for both engines; ``--device`` picks the engine's device."""
+    backend = args.backend
+    if backend not in BACKENDS[1:]:
+        raise CLIError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
+    if not args.model or args.base_model or args.weights:
+        raise CLIError(f"--backend {backend} needs --model ONNX_DIR (a folder written by osdface export-onnx) "
+                       "and no --base-model/--weights")
+    if getattr(args, "latent", "mode") != "mode":
+        raise CLIError(f"--backend {backend} encodes the posterior mode only: drop --latent sample")
+    if not getattr(args, "fuse_lora", True):
+        raise CLIError(f"--backend {backend}: the export has the LoRA merged; drop --no-fuse-lora")
+    device = str(args.device)
+    if backend == "onnxruntime":
+        runner = _onnxruntime_runner(args.model, device)
+    else:
+        runner = _openvino_runner(args.model, device)
+    wanted = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(args.dtype)
+    if wanted is not None and wanted != runner.manifest["dtype"]:
+        raise CLIError(f"--dtype {args.dtype}: {args.model} was exported in {runner.manifest['dtype']} "
+                       "(the precision is fixed at export; drop --dtype or export again)")
+    return runner
+
+
 def load_onnx_runner_from_args(args):
-    """``--backend onnxruntime``: the :class:`~osdface.runtime.onnx_runner.OnnxRuntimePipeline` of the ONNX
-    folder ``--model`` (aligned crops only; ``--device`` picks the execution providers)."""
+    """``--backend onnxruntime`` (see :func:`load_exported_runner_from_args`)."""
+    if getattr(args, "backend", "onnxruntime") != "onnxruntime":
+        raise CLIError(f"--backend {args.backend}: this loader runs onnxruntime only")
+    return load_exported_runner_from_args(args)
+
+
+def _onnxruntime_runner(model: str, device: str):
     from ..errors import DeviceError
     from ..runtime.onnx_runner import OnnxRuntimePipeline, default_providers
 
-    if not args.model or args.base_model or args.weights:
-        raise CLIError("--backend onnxruntime needs --model ONNX_DIR (a folder written by osdface export-onnx) "
-                       "and no --base-model/--weights")
-    if not getattr(args, "aligned", False):
-        raise CLIError("--backend onnxruntime restores aligned crops only: add --aligned")
-    if getattr(args, "latent", "mode") != "mode":
-        raise CLIError("--backend onnxruntime encodes the posterior mode only: drop --latent sample")
     providers = default_providers()
-    device = str(args.device)
     if device == "cpu":
         providers = ["CPUExecutionProvider"]
     elif device.startswith("cuda"):
@@ -319,12 +349,19 @@ def load_onnx_runner_from_args(args):
         providers = [p for p in providers if p != "TensorrtExecutionProvider"]
     elif device != "auto":
         raise CLIError(f"--device {device}: --backend onnxruntime runs on auto, cpu or cuda")
-    runner = OnnxRuntimePipeline.from_folder(args.model, providers=providers)
-    wanted = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(args.dtype)
-    if wanted is not None and wanted != runner.manifest["dtype"]:
-        raise CLIError(f"--dtype {args.dtype}: {args.model} was exported in {runner.manifest['dtype']} "
-                       "(the precision is fixed at export; drop --dtype or export again)")
-    return runner
+    return OnnxRuntimePipeline.from_folder(model, providers=providers)
+
+
+def _openvino_runner(model: str, device: str):
+    from ..runtime.openvino_runner import OpenVinoPipeline
+
+    if device in ("auto", "cpu"):
+        ov_device = "CPU"  # AUTO could pick an Intel GPU and its float16 default; the CPU is predictable
+    elif re.fullmatch(r"(gpu(\.\d+)?|npu)", device, flags=re.IGNORECASE):
+        ov_device = device.upper()
+    else:
+        raise CLIError(f"--device {device}: --backend openvino runs on auto, cpu, gpu, gpu.N (Intel GPUs) or npu")
+    return OpenVinoPipeline.from_folder(model, device=ov_device)
 
 
 def report_error(message: str) -> None:

@@ -1,35 +1,28 @@
 """Run an exported ONNX folder (:mod:`osdface.export.onnx`) with ONNX Runtime.
 
-:class:`OnnxRuntimePipeline` has the call contract of :class:`~osdface.pipelines.OSDFacePipeline` for
-aligned crops and shares its host code: preprocessing, the float64 x0 step, the NaN/Inf checks and
-the output conversion are the pipeline's own functions; only the four networks run in ONNX Runtime.
+:class:`OnnxRuntimePipeline` has the call contract of :class:`~osdface.pipelines.OSDFacePipeline` and
+shares its host code (:class:`~osdface.runtime.exported.ExportedPipeline`); only the four networks run
+in ONNX Runtime.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import torch
 
-from ..errors import InvalidSettingError, ModelFileError
-from ..image import from_model_range
-from ..io.onnx_format import FORMAT, FORMAT_VERSION, GRAPH_IO, MANIFEST_NAME
-from ..pipelines.output import OSDFacePipelineOutput
-from ..pipelines.pipeline_osdface import OSDFacePipeline, OutputType, _convert_output
-from ..utils.io import read_json
+from ..errors import InvalidSettingError
 from ..utils.logging import get_logger
+from .exported import ExportedPipeline, read_manifest, sha256_file
+
+__all__ = ["OnnxRuntimePipeline", "default_providers", "read_manifest", "sha256_file"]
 
 logger = get_logger(__name__)
 
 #: preferred execution providers, best first; the CPU one is always available
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _require_ort():
@@ -47,134 +40,29 @@ def default_providers() -> list[str]:
     return [p for p in PREFERRED_PROVIDERS if p in available or p == "CPUExecutionProvider"]
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+class OnnxRuntimePipeline(ExportedPipeline):
+    """OSDFace restoration with the four graphs of an ONNX export in ONNX Runtime sessions.
 
-
-def _plain_name(manifest: Path, value: Any, what: str) -> str:
-    """A file name from the manifest: a plain name inside the folder (no separators, no ``..``)."""
-    if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value:
-        raise ModelFileError(f"{manifest}: {what} must be a plain file name inside the folder, got {value!r}")
-    return value
-
-
-def _check_file(folder: Path, manifest: Path, name: str, digest: Any) -> Path:
-    path = folder / name
-    if not path.is_file():
-        raise ModelFileError(f"{path}: listed in {MANIFEST_NAME} but missing")
-    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-        raise ModelFileError(f"{manifest}: malformed sha256 for {name}")
-    if sha256_file(path) != digest:
-        raise ModelFileError(f"{path}: sha256 does not match {MANIFEST_NAME} (the file was changed or is corrupt)")
-    return path
-
-
-def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
-    """Read and check ``folder/manifest.json`` and every file it lists (without loading any graph).
-
-    Raises:
-        ModelFileError: (one line, naming the file) the manifest is missing or malformed, of another
-            format or format version; a listed file is missing or its sha256 differs; the folder
-            holds an ``.onnx`` file the manifest does not list.
-    """
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise ModelFileError(f"{folder}: not a folder (expected an ONNX export written by osdface export-onnx)")
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
-        raise ModelFileError(f"{path}: ONNX manifest not found (export the model with osdface export-onnx)")
-    m = read_json(path, "ONNX manifest")
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        got = m.get("format") if isinstance(m, dict) else type(m).__name__
-        raise ModelFileError(f"{path}: not an osdface ONNX manifest (format {got!r}, expected {FORMAT!r})")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(f"{path}: format version {m.get('format_version')!r}; this osdface reads version "
-                             f"{FORMAT_VERSION} (export again with this version)")
-    for key, types in (("dtype", str), ("dynamic_batch", bool), ("resolution", int), ("timestep", int),
-                       ("scaling_factor", (int, float)), ("alpha_cumprod", float), ("graphs", dict)):
-        if not isinstance(m.get(key), types) or (types is int and isinstance(m.get(key), bool)):
-            raise ModelFileError(f"{path}: field {key!r} is missing or has the wrong type")
-    if m["dtype"] not in _DTYPES:
-        raise ModelFileError(f"{path}: dtype {m['dtype']!r} not supported (float32 or float16)")
-    if not (0.0 < m["alpha_cumprod"] < 1.0) or m["resolution"] < 8 or m["scaling_factor"] <= 0:
-        raise ModelFileError(f"{path}: implausible alpha_cumprod, resolution or scaling_factor")
-    graphs = m["graphs"]
-    listed: set[str] = set()
-    for name in GRAPH_IO:
-        g = graphs.get(name)
-        if not isinstance(g, dict):
-            raise ModelFileError(f"{path}: graph {name!r} is not listed")
-        file = _plain_name(path, g.get("file"), f"graphs.{name}.file")
-        if file in listed:
-            raise ModelFileError(f"{path}: {file} is listed twice")
-        _check_file(folder, path, file, g.get("sha256"))
-        listed.add(file)
-        ext = g.get("external_data")
-        if ext is not None:
-            if not isinstance(ext, dict):
-                raise ModelFileError(f"{path}: graphs.{name}.external_data is malformed")
-            data = _plain_name(path, ext.get("file"), f"graphs.{name}.external_data.file")
-            _check_file(folder, path, data, ext.get("sha256"))
-            listed.add(data)
-        inputs, outputs = GRAPH_IO[name]
-        for key, expected in (("inputs", inputs), ("outputs", outputs)):
-            got = g.get(key)
-            if not isinstance(got, list) or [v.get("name") if isinstance(v, dict) else None for v in got] != \
-                    list(expected):
-                raise ModelFileError(f"{path}: graphs.{name}.{key} must be {list(expected)}")
-    unknown = sorted(set(graphs) - set(GRAPH_IO))
-    if unknown:
-        raise ModelFileError(f"{path}: unknown graph(s) {unknown}")
-    for f in sorted(folder.glob("*.onnx")):
-        if f.name not in listed:
-            raise ModelFileError(f"{f}: unknown .onnx file, not listed in {MANIFEST_NAME}")
-    return m
-
-
-class OnnxRuntimePipeline:
-    """OSDFace restoration of aligned face crops with the four graphs of an ONNX export.
-
-    Same call contract as :class:`~osdface.pipelines.OSDFacePipeline` (``latent="mode"`` only: the
-    exported encoder returns the posterior mode). Host code runs on the CPU in torch, with the
-    pipeline's own functions: :meth:`preprocess`, :meth:`predict_x0` (float64), :meth:`check_finite`,
-    and its output conversion.
-
-    Build with :meth:`from_folder`.
+    See :class:`~osdface.runtime.exported.ExportedPipeline` for the call contract. Build with
+    :meth:`from_folder`.
     """
 
-    # the pipeline's host code, reused as is: it reads device, dtype, resolution, alpha_cumprod, source
-    preprocess = OSDFacePipeline.preprocess
-    predict_x0 = OSDFacePipeline.predict_x0
-    check_finite = OSDFacePipeline.check_finite
-
-    def __init__(self, folder: Path, manifest: dict[str, Any], sessions: dict[str, Any]):
-        self.manifest, self.sessions = manifest, sessions
-        self.source = str(folder)
-        self.device = torch.device("cpu")
-        self.dtype = _DTYPES[manifest["dtype"]]
-        self.resolution = int(manifest["resolution"])
-        self.timestep = int(manifest["timestep"])
-        self.scaling_factor = float(manifest["scaling_factor"])
-        self.batch_size = None if manifest["dynamic_batch"] else 1
+    engine = "ONNX Runtime"
 
     @property
-    def alpha_cumprod(self) -> torch.Tensor:
-        """ᾱ_t as recorded by the exporter (float64, the value the torch pipeline uses)."""
-        return torch.tensor(self.manifest["alpha_cumprod"], dtype=torch.float64)
+    def sessions(self) -> dict[str, Any]:
+        """Graph name → its ``onnxruntime.InferenceSession``."""
+        return self.graphs
 
     @property
     def providers(self) -> list[str]:
         """The execution providers the sessions actually use (of the first graph)."""
-        return list(next(iter(self.sessions.values())).get_providers())
+        return list(next(iter(self.graphs.values())).get_providers())
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, providers: list | None = None,
                     session_options=None) -> OnnxRuntimePipeline:
-        """Check ``folder`` (:func:`read_manifest`) and open its four graphs.
+        """Check ``folder`` (:func:`~osdface.runtime.exported.read_manifest`) and open its four graphs.
 
         Args:
             providers: ONNX Runtime execution providers (default :func:`default_providers`:
@@ -183,8 +71,8 @@ class OnnxRuntimePipeline:
                 of errors only).
 
         Raises:
-            ModelFileError: see :func:`read_manifest`; or ONNX Runtime cannot load a graph, or its
-                inputs/outputs differ from the manifest (naming the file).
+            ModelFileError: see :func:`~osdface.runtime.exported.read_manifest`; or ONNX Runtime cannot
+                load a graph, or its inputs/outputs differ from the manifest (naming the file).
             InvalidSettingError: ``onnxruntime`` is not installed.
         """
         ort = _require_ort()
@@ -194,67 +82,17 @@ class OnnxRuntimePipeline:
         if session_options is None:
             session_options = ort.SessionOptions()
             session_options.log_severity_level = 3  # errors only (fp16 graphs log kernel-fallback warnings)
-        sessions = {}
-        for name in GRAPH_IO:
-            path = folder / manifest["graphs"][name]["file"]
-            try:
-                sess = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
-            except Exception as e:  # onnxruntime raises its own exception types
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ModelFileError(f"{path}: ONNX Runtime cannot load the graph ({reason})") from None
-            inputs, outputs = GRAPH_IO[name]
-            if [i.name for i in sess.get_inputs()] != list(inputs) or \
-                    [o.name for o in sess.get_outputs()] != list(outputs):
-                raise ModelFileError(f"{path}: graph inputs/outputs differ from {MANIFEST_NAME}")
-            sessions[name] = sess
-        logger.info("ONNX Runtime providers: %s", ", ".join(next(iter(sessions.values())).get_providers()))
-        return cls(folder, manifest, sessions)
 
-    def _run(self, name: str, **inputs: torch.Tensor) -> list[torch.Tensor]:
-        feed = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in inputs.items()}
-        return [torch.from_numpy(np.asarray(a)) for a in self.sessions[name].run(None, feed)]
+        def open_graph(path: Path):
+            sess = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
+            return sess, [{i.name} for i in sess.get_inputs()], [{o.name} for o in sess.get_outputs()]
 
-    def restore_tensor(self, lq: torch.Tensor, return_indices: bool = False, check_finite: bool = True):
-        """Steps 3–7 (docs/method.md §2) on a model-space batch ``(B, 3, R, R)`` in [-1, 1]: the graphs,
-        the float64 x0 step between them; returns ``(B, 3, R, R)`` float in [0, 1] (and the indices)."""
-        step = self.batch_size or lq.shape[0]
-        outs, idxs = [], []
-        for chunk in lq.split(step):
-            (z,) = self._run("vae_encoder", image=chunk)
-            prompt, idx = self._run("prompt_encoder", image=chunk)
-            (eps,) = self._run("unet", latent=z, prompt=prompt.to(z.dtype))
-            x0 = self.predict_x0(z, eps)
-            if check_finite:
-                self.check_finite(x0, "predicted latent (VAE encoder, prompt or UNet)")
-            (img,) = self._run("vae_decoder", latent=x0.to(self.dtype))
-            if check_finite:
-                self.check_finite(img, "VAE decoder output")
-            outs.append(from_model_range(img.clamp(-1, 1)).clamp(0.0, 1.0))
-            idxs.append(idx)
-        out, idx = torch.cat(outs), torch.cat(idxs)
-        return (out, idx) if return_indices else out
+        runner = cls(folder, manifest, cls._open_graphs(folder, manifest, open_graph))
+        logger.info("ONNX Runtime providers: %s", ", ".join(runner.providers))
+        return runner
 
-    @torch.inference_mode()
-    def __call__(self, images, output_type: OutputType = "pt", latent: Literal["mode"] = "mode",
-                 generator: torch.Generator | None = None, rounding: Literal["round", "truncate"] = "round",
-                 return_dict: bool = True):
-        """Restore aligned RGB face crops (see :meth:`OSDFacePipeline.__call__`; ``generator`` is accepted
-        for the same signature and unused: the posterior mode involves no randomness).
-
-        Raises:
-            ImageError: inputs that are not RGB images in [0, 1] or not square.
-            InvalidSettingError: ``latent`` other than ``"mode"``.
-            NonFiniteOutputError: the graphs produced NaN/Inf; names the folder.
-        """
-        if latent != "mode":
-            raise InvalidSettingError(f"latent={latent!r}: an ONNX export encodes the posterior mode only")
-        lq = self.preprocess(images)
-        out, idx = self.restore_tensor(lq, return_indices=True)
-        result = _convert_output(out.float(), output_type, rounding)
-        if not return_dict:
-            return result
-        return OSDFacePipelineOutput(images=result, prompt_indices=idx)
+    def _run_graph(self, handle, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return handle.run(None, feed)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source!r}, dtype={self.manifest['dtype']}, providers={self.providers})"
-

@@ -1,0 +1,45 @@
+"""Shared by the export and runner tests: the tiny pipeline, its model folder and its ONNX exports (once per session)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from osdface.export.onnx import export_onnx
+from osdface.testing import TINY_RESOLUTION, tiny_pipeline
+
+
+@pytest.fixture(scope="session")
+def pipe():
+    return tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def static_dir(pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "static"
+    export_onnx(pipe, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def dynamic_dir(pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "dynamic"
+    export_onnx(pipe, out, dynamic_batch=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(pipe, tmp_path_factory):
+    """The tiny pipeline as a model folder for ``osdface restore --model`` (the torch backend)."""
+    return pipe.save_pretrained(tmp_path_factory.mktemp("model") / "model")
+
+
+def _random_faces(n: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, TINY_RESOLUTION, TINY_RESOLUTION, generator=g)
+
+
+@pytest.fixture(scope="session")
+def make_faces():
+    """``make_faces(n, seed=1)`` → ``(n, 3, R, R)`` random crops in [0, 1] at the tiny resolution."""
+    return _random_faces

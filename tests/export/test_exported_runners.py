@@ -1,0 +1,153 @@
+"""What the two runners of an ONNX export share, checked on both engines (ONNX Runtime and OpenVINO):
+folder refusals, external data, latent/generator handling and ``osdface restore --aligned --backend``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime  # noqa: F401 - the dev set-up installs the onnx extra: a missing package fails, never skips
+import openvino  # noqa: F401 - likewise the openvino extra
+import pytest
+import torch
+from PIL import Image
+
+from osdface.cli import main
+from osdface.errors import InvalidSettingError, ModelFileError
+from osdface.export.onnx import FORMAT_VERSION, MANIFEST_NAME, export_onnx, sha256_file
+from osdface.runtime.onnx_runner import OnnxRuntimePipeline
+from osdface.runtime.openvino_runner import OpenVinoPipeline
+
+ENGINES = {"onnxruntime": OnnxRuntimePipeline, "openvino": OpenVinoPipeline}
+
+
+@pytest.fixture(params=list(ENGINES))
+def backend(request) -> str:
+    return request.param
+
+
+def _edit_manifest(folder, edit):
+    path = folder / MANIFEST_NAME
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+
+
+def _bump_version(m):
+    m["format_version"] = FORMAT_VERSION + 1
+
+
+def _tamper(folder):
+    p = folder / "vae_decoder.onnx"
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 1
+    p.write_bytes(bytes(data))
+
+
+def _unloadable(folder):
+    """A graph file that is not ONNX, with a matching sha256: the engine itself must refuse it."""
+    (folder / "unet.onnx").write_bytes(b"not an onnx graph")
+    _edit_manifest(folder, lambda m: m["graphs"]["unet"].update(sha256=sha256_file(folder / "unet.onnx")))
+
+
+REFUSALS = {
+    "no manifest": (lambda d: (d / MANIFEST_NAME).unlink(), MANIFEST_NAME + ": ONNX manifest not found"),
+    "other version": (lambda d: _edit_manifest(d, _bump_version), MANIFEST_NAME + ": format version 2"),
+    "other format": (lambda d: _edit_manifest(d, lambda m: m.update(format="x")), "not an osdface ONNX manifest"),
+    "missing file": (lambda d: (d / "unet.onnx").unlink(), "unet.onnx: listed in manifest.json but missing"),
+    "extra onnx": (lambda d: shutil.copy(d / "unet.onnx", d / "other.onnx"), "other.onnx: unknown .onnx file"),
+    "sha256": (_tamper, "vae_decoder.onnx: sha256 does not match"),
+    "escaping name": (lambda d: _edit_manifest(d, lambda m: m["graphs"]["unet"].update(file="../unet.onnx")),
+                      "graphs.unet.file must be a plain file name"),
+    "malformed": (lambda d: (d / MANIFEST_NAME).write_text("{"), "malformed ONNX manifest"),
+    "unloadable graph": (_unloadable, "unet.onnx: {engine} cannot load the graph ("),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_runners_refuse_bad_folders(backend, static_dir, tmp_path, case):
+    folder = tmp_path / "copy"
+    shutil.copytree(static_dir, folder)
+    damage, message = REFUSALS[case]
+    damage(folder)
+    with pytest.raises(ModelFileError) as e:
+        ENGINES[backend].from_folder(folder)
+    assert message.format(engine=ENGINES[backend].engine) in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_latent_sample_refused_generator_ignored(backend, dynamic_dir, make_faces):
+    runner = ENGINES[backend].from_folder(dynamic_dir)
+    assert str(runner.device) == "cpu"  # host code (and the detectors beside it) on the CPU
+    faces = make_faces(2)
+    with pytest.raises(InvalidSettingError, match="posterior mode only") as e:
+        runner(faces, latent="sample", generator=torch.Generator().manual_seed(0))
+    assert "\n" not in str(e.value)
+    plain = runner(faces, output_type="np").images
+    seeded = runner(faces, output_type="np", latent="mode", generator=torch.Generator().manual_seed(7)).images
+    assert np.array_equal(plain, seeded)
+
+
+@pytest.fixture(scope="module")
+def external_dir(pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ext") / "ext"
+    export_onnx(pipe, out, external_data_threshold=0)  # every graph's weights in <file>.data
+    return out
+
+
+def test_external_data(backend, pipe, external_dir, tmp_path, make_faces):
+    m = json.loads((external_dir / MANIFEST_NAME).read_text())
+    for g in m["graphs"].values():
+        assert g["external_data"]["file"] == g["file"] + ".data"
+        assert g["external_data"]["sha256"] == sha256_file(external_dir / g["external_data"]["file"])
+        assert (external_dir / g["file"]).stat().st_size < (external_dir / g["external_data"]["file"]).stat().st_size
+    faces = make_faces(1)
+    diff = ENGINES[backend].from_folder(external_dir)(faces, output_type="np").images.astype(int) \
+        - pipe(faces, output_type="np").images.astype(int)
+    assert np.abs(diff).max() <= 1
+    folder = tmp_path / "copy"
+    shutil.copytree(external_dir, folder)
+    (folder / "unet.onnx.data").write_bytes(b"x")
+    with pytest.raises(ModelFileError, match="unet.onnx.data: sha256"):
+        ENGINES[backend].from_folder(folder)
+
+
+# ------------------------------------------------------------------ osdface restore --aligned --backend
+def test_restore_aligned_backend(backend, model_dir, static_dir, tmp_path, make_faces):
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for i, face in enumerate((make_faces(2) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(face).save(crops / f"face{i}.png")
+    common = [str(crops), "--aligned", "--device", "cpu", "--batch-size", "2"]
+    assert main(["restore", *common, "-o", str(tmp_path / "exported"), "--model", str(static_dir),
+                 "--backend", backend]) == 0
+    assert main(["restore", *common, "-o", str(tmp_path / "torch"), "--model", str(model_dir), "--dtype", "fp32"]) == 0
+    for i in range(2):
+        a = np.asarray(Image.open(tmp_path / "exported" / f"face{i}.png"), dtype=int)
+        b = np.asarray(Image.open(tmp_path / "torch" / f"face{i}.png"), dtype=int)
+        assert np.abs(a - b).max() <= 1
+
+
+CLI_REFUSALS = {  # extra arguments (with --model ONNX_DIR unless marked) → the one-line message
+    "no model": (["--aligned"], "--backend {b} needs --model ONNX_DIR"),
+    "base model": (["--base-model", "x", "--weights", "y"], "--backend {b} needs --model ONNX_DIR"),
+    "dtype": (["--aligned", "--dtype", "fp16"], "exported in float32"),
+    "latent sample": (["--latent", "sample"], "--backend {b} encodes the posterior mode only"),
+    "unfused lora": (["--no-fuse-lora"], "--backend {b}: the export has the LoRA merged"),
+    "device": (["--device", "mps"], "--device mps: --backend {b} runs on"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_REFUSALS))
+def test_restore_backend_refusals(backend, static_dir, tmp_path, capsys, case):
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "face.png")
+    extra, message = CLI_REFUSALS[case]
+    args = ["restore", str(tmp_path / "face.png"), "-o", str(tmp_path / "out"), "--backend", backend, *extra]
+    if case != "no model":
+        args += ["--model", str(static_dir)]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message.format(b=backend) in err and "\n" not in err
+    assert not (tmp_path / "out" / "face.png").exists()
