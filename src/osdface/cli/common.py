@@ -328,13 +328,6 @@ def load_exported_runner_from_args(args):
     return runner
 
 
-def load_onnx_runner_from_args(args):
-    """``--backend onnxruntime`` (see :func:`load_exported_runner_from_args`)."""
-    if getattr(args, "backend", "onnxruntime") != "onnxruntime":
-        raise CLIError(f"--backend {args.backend}: this loader runs onnxruntime only")
-    return load_exported_runner_from_args(args)
-
-
 def _onnxruntime_runner(model: str, device: str):
     from ..errors import DeviceError
     from ..runtime.onnx_runner import OnnxRuntimePipeline, default_providers
