@@ -147,3 +147,17 @@ def test_align_cli(tmp_path, astronaut, group_photo):
     assert all(Image.open(out / f).size == (128, 128) for f in files)
     report = json.loads((tmp_path / "r.json").read_text())
     assert [len(e["faces"]) for e in report["images"]] == [1, len(gts), 0]
+
+
+def test_face_layer_files_are_checked_before_the_model_is_loaded(tmp_path, kodim, capsys):
+    """A refused --parsing-model / --bg-upsampler file is reported before any diffusion model is loaded:
+    here the model folder does not even exist, and the error is still the face-layer file's."""
+    photo = tmp_path / "in.png"
+    Image.fromarray(kodim).save(photo)
+    bad = tmp_path / "parsing_parsenet.pth"
+    bad.write_bytes(b"not a checkpoint")
+    for flags in (["--parsing-model", str(bad)], ["--upscale", "2", "--bg-upsampler", str(bad)]):
+        rc = main(["restore", str(photo), "-o", str(tmp_path / "out"), "--model", str(tmp_path / "no-model"), *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and err[-1].startswith("osdface: error:") and str(bad) in err[-1], err
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

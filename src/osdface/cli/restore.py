@@ -138,7 +138,13 @@ def plan_outputs(files: list[Path], out_dir: Path, args) -> tuple[list[tuple[Pat
 
 
 def run(args) -> int:
-    from .restore_photos import VIDEO_EXTENSIONS, restore_photos, write_report
+    from .restore_photos import (
+        VIDEO_EXTENSIONS,
+        build_face_models,
+        face_layer_device,
+        restore_photos,
+        write_report,
+    )
 
     if args.batch_size < 1:
         raise CLIError("--batch-size must be >= 1")
@@ -168,13 +174,15 @@ def run(args) -> int:
         elif not problems:
             report_error("no inputs")
         return 1 if problems else 0
+    # face-layer files first: a refused detector/parser/upsampler file costs no diffusion-model load
+    face_models = None if args.aligned else build_face_models(args, face_layer_device(args))
     pipe = load_pipeline_from_args(args)
     clean_output_dirs(out_dir, *dirs)
     report: list[dict] = []
     if args.aligned:
         failed = restore_aligned(pipe, jobs, args, report)
     else:
-        failed = restore_photos(pipe, jobs, args, report)
+        failed = restore_photos(pipe, jobs, args, report, face_models)
     report_failed = bool(args.report) and not write_report(args.report, report)
     n_bad = len(problems) + failed
     print(f"restored {len(jobs) - failed} of {len(jobs)} inputs into {out_dir}"

@@ -50,12 +50,26 @@ def add_face_args(p: argparse.ArgumentParser) -> None:
                    help="videos: no landmark smoothing across frames")
 
 
-def build_restorer(pipe, args):
-    from ..face import FaceRestorer, create_detector
+def face_layer_device(args) -> str:
+    """Where the face-layer models run: the pipeline's device for the torch backend; the CPU for the
+    exported runners (their host code is on the CPU). Known before any model is loaded."""
+    if getattr(args, "backend", "torch") != "torch":
+        return "cpu"
+    from ..pipelines.pipeline_osdface import resolve_device
+
+    return str(resolve_device(getattr(args, "device", "auto")))
+
+
+def build_face_models(args, device: str) -> dict:
+    """The detector, the optional parsing model and the background upsampler of ``args``.
+
+    Built before the diffusion model is loaded, so that a missing or refused face-layer file costs no
+    model load (one line, exit 2, through :func:`osdface.cli.main`).
+    """
+    from ..face import create_detector
     from ..face.background import create_bg_upsampler
     from ..face.parsing import FaceParser
 
-    device = str(pipe.device)
     name = getattr(args, "detector", "yunet")
     extra = {"device": device} if name.startswith("retinaface") else {}
     detector = create_detector(name, weights=getattr(args, "detector_weights", None),
@@ -64,9 +78,19 @@ def build_restorer(pipe, args):
     parser = FaceParser.from_file(args.parsing_model, device=device) if getattr(args, "parsing_model", None) else None
     bg = create_bg_upsampler(getattr(args, "bg_upsampler", "lanczos"), device=device,
                              tile=getattr(args, "bg_tile", 400))
+    return {"detector": detector, "parser": parser, "bg_upsampler": bg}
+
+
+def build_restorer(pipe, args, face_models: dict | None = None):
+    """A :class:`~osdface.face.FaceRestorer` over ``pipe`` with the face models of ``args`` (built here
+    unless given by :func:`build_face_models`)."""
+    from ..face import FaceRestorer
+
+    models = face_models if face_models is not None else build_face_models(args, face_layer_device(args))
     return FaceRestorer(
-        pipe, detector=detector, upscale=getattr(args, "upscale", 1), color_fix=getattr(args, "color_fix", "wavelet"),
-        paste_back=getattr(args, "paste_back", True), bg_upsampler=bg, parser=parser,
+        pipe, detector=models["detector"], upscale=getattr(args, "upscale", 1),
+        color_fix=getattr(args, "color_fix", "wavelet"), paste_back=getattr(args, "paste_back", True),
+        bg_upsampler=models["bg_upsampler"], parser=models["parser"],
         max_faces=getattr(args, "max_faces", 0) or None, min_face_size=getattr(args, "min_face_size", 0),
         only_center_face=getattr(args, "only_center_face", False), batch_size=getattr(args, "batch_size", 1),
         latent=getattr(args, "latent", "mode"), seed=getattr(args, "seed", 0),
@@ -106,7 +130,7 @@ def write_report(path: str | Path, entries: list[dict]) -> bool:
 
 
 def restore_photos(pipe, jobs: list[tuple[Path, Path]], args: argparse.Namespace,
-                   report: list[dict] | None = None) -> int:
+                   report: list[dict] | None = None, face_models: dict | None = None) -> int:
     """Restore whole photos (and videos) ``jobs = [(input, output)]``; returns the number that failed.
 
     ``report``, if given, receives one ``{"input", "output", "faces"}`` entry per job (photos first,
@@ -119,7 +143,7 @@ def restore_photos(pipe, jobs: list[tuple[Path, Path]], args: argparse.Namespace
 
     from ..image import ImageError, read_image, save_image
 
-    restorer = build_restorer(pipe, args)  # set-up errors are OSDFaceErrors: one line, exit 2 (cli.main)
+    restorer = build_restorer(pipe, args, face_models)  # set-up errors: OSDFaceErrors, one line, exit 2
     photos = [(s, d) for s, d in jobs if s.suffix.lower() not in VIDEO_EXTENSIONS]
     videos = [(s, d) for s, d in jobs if s.suffix.lower() in VIDEO_EXTENSIONS]
     if report is None:
