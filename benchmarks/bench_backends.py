@@ -41,8 +41,6 @@ sys.path.insert(0, str(HERE))
 
 FACE_ASSET = ROOT / "tests" / "assets" / "face" / "kodim04.jpg"
 ALL_BACKENDS = ("torch", "onnxruntime", "openvino")
-#: also accepted by --backends (not in the default set): OpenVINO with int8 weights (``--int8-weights``)
-EXTRA_BACKENDS = ("openvino-int8",)
 STAGES = ("preprocess", "prompt_encoder", "vae_encode", "unet", "x0", "vae_decode", "postprocess")
 
 # The reference: the same math with plain diffusers calls (no osdface pipeline, plan or lean decode).
@@ -85,12 +83,11 @@ def _worker_load(backend: str, args) -> object:
         so.log_severity_level = 3
         so.intra_op_num_threads = args.threads
         return OnnxRuntimePipeline.from_folder(args.onnx_dir, providers=["CPUExecutionProvider"], session_options=so)
-    if backend in ("openvino", "openvino-int8"):
+    if backend == "openvino":
         from osdface.runtime import openvino_runner as ovr
         config = dict(ovr.default_config("float32", "CPU")) if hasattr(ovr, "default_config") else {}
         config["INFERENCE_NUM_THREADS"] = args.threads
-        extra = {"int8_weights": True} if backend == "openvino-int8" else {}  # compressed at load (nncf)
-        return ovr.OpenVinoPipeline.from_folder(args.onnx_dir, device="CPU", config=config, **extra)
+        return ovr.OpenVinoPipeline.from_folder(args.onnx_dir, device="CPU", config=config)
     raise ValueError(backend)
 
 
@@ -294,8 +291,7 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=tmp / "osdface-bench-sd21-random")
     ap.add_argument("--onnx-dir", type=Path, default=tmp / "osdface-bench-sd21-random-onnx")
     ap.add_argument("--repeats", type=int, default=3, help="timed faces per backend after the first call")
-    ap.add_argument("--backends", default=",".join(ALL_BACKENDS),
-                    help=f"comma-separated, of {', '.join(ALL_BACKENDS + EXTRA_BACKENDS)} (default: the first three)")
+    ap.add_argument("--backends", default=",".join(ALL_BACKENDS))
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of every backend")
     ap.add_argument("--cli-repeats", type=int, default=1,
                     help="end-to-end fresh-process runs per command (alternating); 0 skips them")
@@ -316,16 +312,15 @@ def main() -> None:
                     "machine": machine(), "threads": args.threads, "note": args.note, "loadavg_before": loadavg()}
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     skipped = {}
-    for b in ("openvino", "openvino-int8"):
-        if b in backends and (why := openvino_available()):
-            skipped[b] = why
-            backends.remove(b)
+    if "openvino" in backends and (why := openvino_available()):
+        skipped["openvino"] = why
+        backends.remove("openvino")
     result["skipped"] = skipped
     result["git"] = git_state()
     t0 = time.perf_counter()
     build_random_model_folder(args.model_dir)
     result["model_build_seconds"] = round(time.perf_counter() - t0, 1)
-    if any(b != "torch" for b in backends):
+    if "onnxruntime" in backends or "openvino" in backends:
         result["onnx_export_seconds"] = export_in_child(args.model_dir, args.onnx_dir)  # None: cached
         result["onnx_folder_gb"] = round(sum(f.stat().st_size for f in args.onnx_dir.iterdir()) / 1e9, 3)
     result["model_folder_gb"] = round(sum(f.stat().st_size for f in args.model_dir.rglob("*.safetensors")) / 1e9, 3)
@@ -391,9 +386,8 @@ def main() -> None:
                 jobs["cli_torch"] = cli + ["restore", str(face_png), "-o", str(work / "cli_torch"), "--aligned",
                                            "--model", str(args.model_dir)]
             else:
-                flags = ["--backend", "openvino", "--int8-weights"] if b == "openvino-int8" else ["--backend", b]
                 jobs[f"cli_{b}"] = cli + ["restore", str(face_png), "-o", str(work / f"cli_{b}"), "--aligned",
-                                          "--model", str(args.onnx_dir), *flags]
+                                          "--model", str(args.onnx_dir), "--backend", b]
         (work / "plain_diffusers.py").write_text(PLAIN_SCRIPT)
         jobs["plain_diffusers"] = [sys.executable, str(work / "plain_diffusers.py"), str(args.model_dir),
                                    str(face_png), str(work / "plain_diffusers.png")]
