@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..constants import IMAGE_EXTENSIONS
-from ..errors import InvalidSettingError, OSDFaceError, OutputPathError
+from ..errors import OSDFaceError, OutputPathError
 from ..utils.io import clean_stale_temps, is_temp_name
 
 
@@ -249,9 +249,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="torch (default), onnxruntime or openvino: with the last two --model is a folder written by "
                    "osdface export-onnx (--latent mode only; precision fixed at export; --device: onnxruntime "
                    "auto|cpu|cuda, openvino auto|cpu|gpu[.N]|npu)")
-    g.add_argument("--int8-weights", action="store_true",
-                   help="--backend openvino only: compress the UNet and VAE weights to int8 at load (nncf, data-free; "
-                   "faster and smaller on the CPU, outputs differ by a few 8-bit levels; docs/performance.md)")
 
 
 def load_pipeline_from_args(args):
@@ -268,10 +265,7 @@ def load_pipeline_from_args(args):
         osdface_home,
     )
 
-    backend = getattr(args, "backend", "torch")
-    if getattr(args, "int8_weights", False) and backend != "openvino":
-        raise InvalidSettingError(f"--int8-weights needs --backend openvino (not {backend}); drop it or switch backend")
-    if backend != "torch":
+    if getattr(args, "backend", "torch") != "torch":
         return load_exported_runner_from_args(args)
     device = resolve_device(args.device)
     dtype = args.dtype
@@ -326,7 +320,7 @@ def load_exported_runner_from_args(args):
     if backend == "onnxruntime":
         runner = _onnxruntime_runner(args.model, device)
     else:
-        runner = _openvino_runner(args.model, device, int8_weights=getattr(args, "int8_weights", False))
+        runner = _openvino_runner(args.model, device)
     wanted = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(args.dtype)
     if wanted is not None and wanted != runner.manifest["dtype"]:
         raise CLIError(f"--dtype {args.dtype}: {args.model} was exported in {runner.manifest['dtype']} "
@@ -351,7 +345,7 @@ def _onnxruntime_runner(model: str, device: str):
     return OnnxRuntimePipeline.from_folder(model, providers=providers)
 
 
-def _openvino_runner(model: str, device: str, int8_weights: bool = False):
+def _openvino_runner(model: str, device: str):
     from ..runtime.openvino_runner import OpenVinoPipeline
 
     if device in ("auto", "cpu"):
@@ -360,7 +354,7 @@ def _openvino_runner(model: str, device: str, int8_weights: bool = False):
         ov_device = device.upper()
     else:
         raise CLIError(f"--device {device}: --backend openvino runs on auto, cpu, gpu, gpu.N (Intel GPUs) or npu")
-    return OpenVinoPipeline.from_folder(model, device=ov_device, int8_weights=int8_weights)
+    return OpenVinoPipeline.from_folder(model, device=ov_device)
 
 
 def report_error(message: str) -> None:
