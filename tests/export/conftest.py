@@ -43,3 +43,24 @@ def _random_faces(n: int, seed: int = 1) -> torch.Tensor:
 def make_faces():
     """``make_faces(n, seed=1)`` → ``(n, 3, R, R)`` random crops in [0, 1] at the tiny resolution."""
     return _random_faces
+
+
+@pytest.fixture(scope="session")
+def graph_case(pipe):
+    """``graph_case(name)`` → ``(feeds, expected)``: the inputs of one exported graph (a batch of 2 other
+    than the tracing input, through the dynamic axis) and the outputs of its PyTorch module."""
+    from osdface.export.onnx import graph_modules
+
+    modules = graph_modules(pipe)
+
+    def case(name: str):
+        image = _random_faces(2) * 2 - 1
+        with torch.no_grad():
+            latent = modules["vae_encoder"](image)
+            prompt, _ = modules["prompt_encoder"](image)
+            feeds = {"vae_encoder": {"image": image}, "prompt_encoder": {"image": image},
+                     "unet": {"latent": latent, "prompt": prompt}, "vae_decoder": {"latent": latent * 1.3}}[name]
+            expected = modules[name](*feeds.values())
+        return feeds, expected if isinstance(expected, tuple) else (expected,)
+
+    return case

@@ -18,7 +18,6 @@ from osdface.export.onnx import (  # noqa: E402
     FORMAT_VERSION,
     GRAPH_FILES,
     MANIFEST_NAME,
-    graph_modules,
     sha256_file,
 )
 from osdface.runtime.onnx_runner import OnnxRuntimePipeline  # noqa: E402
@@ -31,16 +30,8 @@ def _session(folder, name):
 
 # --------------------------------------------------------------------------------- graphs
 @pytest.mark.parametrize("name", list(GRAPH_FILES))
-def test_each_graph_matches_its_torch_module(pipe, dynamic_dir, name, make_faces):
-    modules = graph_modules(pipe)
-    image = make_faces(2) * 2 - 1  # a batch of 2 other than the tracing input, through the dynamic axis
-    with torch.no_grad():
-        latent = modules["vae_encoder"](image)
-        prompt, _ = modules["prompt_encoder"](image)
-        feeds = {"vae_encoder": {"image": image}, "prompt_encoder": {"image": image},
-                 "unet": {"latent": latent, "prompt": prompt}, "vae_decoder": {"latent": latent * 1.3}}[name]
-        expected = modules[name](*feeds.values())
-    expected = expected if isinstance(expected, tuple) else (expected,)
+def test_each_graph_matches_its_torch_module(dynamic_dir, name, graph_case):
+    feeds, expected = graph_case(name)
     got = _session(dynamic_dir, name).run(None, {k: v.numpy() for k, v in feeds.items()})
     assert len(got) == len(expected)
     for g, e in zip(got, expected, strict=True):

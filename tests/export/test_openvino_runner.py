@@ -9,7 +9,7 @@ import torch
 
 from osdface.cli import main
 from osdface.errors import DeviceError
-from osdface.export.onnx import GRAPH_FILES, graph_modules
+from osdface.export.onnx import GRAPH_FILES
 from osdface.runtime.openvino_runner import OpenVinoPipeline, default_config
 
 
@@ -19,16 +19,8 @@ def _compiled(folder, name):
 
 
 @pytest.mark.parametrize("name", list(GRAPH_FILES))
-def test_each_graph_matches_its_torch_module(pipe, dynamic_dir, name, make_faces):
-    modules = graph_modules(pipe)
-    image = make_faces(2) * 2 - 1  # a batch of 2 other than the tracing input, through the dynamic axis
-    with torch.no_grad():
-        latent = modules["vae_encoder"](image)
-        prompt, _ = modules["prompt_encoder"](image)
-        feeds = {"vae_encoder": {"image": image}, "prompt_encoder": {"image": image},
-                 "unet": {"latent": latent, "prompt": prompt}, "vae_decoder": {"latent": latent * 1.3}}[name]
-        expected = modules[name](*feeds.values())
-    expected = expected if isinstance(expected, tuple) else (expected,)
+def test_each_graph_matches_its_torch_module(dynamic_dir, name, graph_case):
+    feeds, expected = graph_case(name)
     got = _compiled(dynamic_dir, name)({k: v.numpy() for k, v in feeds.items()}).to_tuple()
     assert len(got) == len(expected)
     for g, e in zip(got, expected, strict=True):
