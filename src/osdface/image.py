@@ -83,14 +83,57 @@ def read_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> L
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
+    rgb, alpha = _decode(path, str(path), max_pixels, None)
+    return LoadedImage(rgb=rgb, alpha=alpha, path=path)
+
+
+class ImageTooLargeError(ImageError):
+    """The image declares more pixels than allowed (a possible decompression bomb); nothing was decoded."""
+
+
+class ImageFormatError(ImageError):
+    """The image is in a format the caller does not accept (e.g. GIF where PNG/JPEG/WebP are allowed)."""
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, formats: Sequence[str] | None = None,
+                 name: str = "image") -> LoadedImage:
+    """Decode an encoded image held in memory (an upload) like :func:`read_image` decodes a file.
+
+    The format and the size are read from the header first; an image of another format than
+    ``formats`` (PIL names: ``"PNG"``, ``"JPEG"``, ``"WEBP"``...) or of more than ``max_pixels``
+    pixels is refused before any pixel data is decoded or allocated. Nothing touches the file system.
+
+    Args:
+        data: the encoded bytes.
+        max_pixels: largest accepted ``width * height`` (as declared in the header).
+        formats: accepted PIL format names (upper case); ``None`` accepts any format PIL reads.
+        name: how messages name the image.
+
+    Raises:
+        ImageTooLargeError: more than ``max_pixels`` pixels.
+        ImageFormatError: a format outside ``formats``.
+        ImageError: not an image, truncated or otherwise undecodable.
+    """
+    import io
+
+    rgb, alpha = _decode(io.BytesIO(data), name, max_pixels, formats)
+    return LoadedImage(rgb=rgb, alpha=alpha, path=None)
+
+
+def _decode(source, label: str, max_pixels: int, formats: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Open ``source`` (path or file object), check format and header size, then decode (shared by the readers)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
+                if formats is not None and img.format not in formats:
+                    raise ImageFormatError(
+                        f"{label}: {img.format or 'unknown'} images are not accepted; send one of {', '.join(formats)}"
+                    )
                 w, h = img.size
                 if w * h > max_pixels:
-                    raise ImageError(
-                        f"{path}: image is {w}x{h} = {w * h / 1e6:.0f} MP, above the limit of "
+                    raise ImageTooLargeError(
+                        f"{label}: image is {w}x{h} = {w * h / 1e6:.0f} MP, above the limit of "
                         f"{max_pixels / 1e6:.0f} MP (possible decompression bomb); refusing to decode it"
                     )
                 img.load()
@@ -99,12 +142,12 @@ def read_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> L
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({e})") from None
+        raise ImageTooLargeError(f"{label}: refused as a possible decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: cannot decode image ({e})") from None
+        raise ImageError(f"{label}: cannot decode image ({e})") from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ImageError(f"{path}: unsupported image layout {rgb.shape}")
-    return LoadedImage(rgb=np.ascontiguousarray(rgb), alpha=alpha, path=path)
+        raise ImageError(f"{label}: unsupported image layout {rgb.shape}")
+    return np.ascontiguousarray(rgb), alpha
 
 
 def save_image(
@@ -127,6 +170,29 @@ def save_image(
     with atomic_path(path) as tmp:
         img.save(tmp, format=fmt, **kwargs)
     return path
+
+
+#: output formats of :func:`encode_image` → (PIL format, keeps alpha)
+ENCODE_FORMATS = {"png": ("PNG", True), "jpeg": ("JPEG", False), "webp": ("WEBP", True)}
+
+
+def encode_image(rgb: np.ndarray, alpha: np.ndarray | None = None, fmt: str = "png", quality: int = 95) -> bytes:
+    """Encode ``(H, W, 3)`` uint8 RGB (+ optional ``(H, W)`` alpha) to bytes in memory (see :data:`ENCODE_FORMATS`).
+
+    Alpha is kept for PNG and WebP and dropped for JPEG, as :func:`save_image` does.
+    """
+    import io
+
+    if fmt not in ENCODE_FORMATS:
+        raise ImageError(f"unknown output format {fmt!r}; choose from {', '.join(ENCODE_FORMATS)}")
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ImageError(f"encode_image expects (H, W, 3) uint8, got {rgb.dtype} {rgb.shape}")
+    pil_format, keeps_alpha = ENCODE_FORMATS[fmt]
+    keep_alpha = alpha is not None and keeps_alpha
+    img = Image.fromarray(np.dstack([rgb, alpha]) if keep_alpha else rgb, "RGBA" if keep_alpha else "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format=pil_format, **({"quality": quality} if fmt in ("jpeg", "webp") else {}))
+    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------

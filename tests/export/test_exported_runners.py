@@ -16,6 +16,7 @@ from PIL import Image
 from osdface.cli import main
 from osdface.errors import InvalidSettingError, ModelFileError
 from osdface.export.onnx import FORMAT_VERSION, MANIFEST_NAME, export_onnx, sha256_file
+from osdface.runtime.exported import read_manifest
 from osdface.runtime.onnx_runner import OnnxRuntimePipeline
 from osdface.runtime.openvino_runner import OpenVinoPipeline
 
@@ -45,19 +46,27 @@ def _tamper(folder):
     p.write_bytes(bytes(data))
 
 
+def _truncate(folder):
+    p = folder / "vae_decoder.onnx"
+    p.write_bytes(p.read_bytes()[:-1])
+
+
 def _unloadable(folder):
     """A graph file that is not ONNX, with a matching sha256: the engine itself must refuse it."""
     (folder / "unet.onnx").write_bytes(b"not an onnx graph")
-    _edit_manifest(folder, lambda m: m["graphs"]["unet"].update(sha256=sha256_file(folder / "unet.onnx")))
+    _edit_manifest(folder, lambda m: m["graphs"]["unet"].update(sha256=sha256_file(folder / "unet.onnx"),
+                                                                 bytes=(folder / "unet.onnx").stat().st_size))
 
 
 REFUSALS = {
     "no manifest": (lambda d: (d / MANIFEST_NAME).unlink(), MANIFEST_NAME + ": ONNX manifest not found"),
-    "other version": (lambda d: _edit_manifest(d, _bump_version), MANIFEST_NAME + ": format version 2"),
+    "other version": (lambda d: _edit_manifest(d, _bump_version), f"{MANIFEST_NAME}: format version {FORMAT_VERSION + 1}"),
     "other format": (lambda d: _edit_manifest(d, lambda m: m.update(format="x")), "not an osdface ONNX manifest"),
     "missing file": (lambda d: (d / "unet.onnx").unlink(), "unet.onnx: listed in manifest.json but missing"),
     "extra onnx": (lambda d: shutil.copy(d / "unet.onnx", d / "other.onnx"), "other.onnx: unknown .onnx file"),
-    "sha256": (_tamper, "vae_decoder.onnx: sha256 does not match"),
+    "truncated": (_truncate, "vae_decoder.onnx: "),  # "<n> bytes, manifest.json says <n + 1>"
+    "no size": (lambda d: _edit_manifest(d, lambda m: m["graphs"]["unet"].pop("bytes")),
+                "malformed size (bytes) for unet.onnx"),
     "escaping name": (lambda d: _edit_manifest(d, lambda m: m["graphs"]["unet"].update(file="../unet.onnx")),
                       "graphs.unet.file must be a plain file name"),
     "malformed": (lambda d: (d / MANIFEST_NAME).write_text("{"), "malformed ONNX manifest"),
@@ -75,6 +84,20 @@ def test_runners_refuse_bad_folders(backend, static_dir, tmp_path, case):
         ENGINES[backend].from_folder(folder)
     assert message.format(engine=ENGINES[backend].engine) in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_sha256_verification_is_opt_in(backend, static_dir, tmp_path, make_faces):
+    """A same-size change passes the default size check; ``verify="sha256"`` finds it before loading."""
+    folder = tmp_path / "copy"
+    shutil.copytree(static_dir, folder)
+    assert read_manifest(folder, "sha256")["graphs"]["vae_decoder"]["bytes"] > 0
+    _tamper(folder)  # flips the last byte of a graph file: its size is unchanged
+    read_manifest(folder)
+    with pytest.raises(ModelFileError, match="vae_decoder.onnx: sha256 does not match") as e:
+        ENGINES[backend].from_folder(folder, verify="sha256")
+    assert "\n" not in str(e.value)
+    with pytest.raises(InvalidSettingError, match="verify must be one of size, sha256"):
+        ENGINES[backend].from_folder(folder, verify="md5")
 
 
 def test_latent_sample_refused_generator_ignored(backend, dynamic_dir, make_faces):
@@ -109,7 +132,7 @@ def test_external_data(backend, pipe, external_dir, tmp_path, make_faces):
     folder = tmp_path / "copy"
     shutil.copytree(external_dir, folder)
     (folder / "unet.onnx.data").write_bytes(b"x")
-    with pytest.raises(ModelFileError, match="unet.onnx.data: sha256"):
+    with pytest.raises(ModelFileError, match="unet.onnx.data: 1 bytes, manifest.json says"):
         ENGINES[backend].from_folder(folder)
 
 

@@ -59,6 +59,7 @@ def test_manifest(pipe, dynamic_dir, static_dir):
     for name, g in m["graphs"].items():
         assert g["file"] == GRAPH_FILES[name]
         assert g["sha256"] == sha256_file(dynamic_dir / g["file"])
+        assert g["bytes"] == (dynamic_dir / g["file"]).stat().st_size
         assert g["external_data"] is None
     pe = m["graphs"]["prompt_encoder"]
     assert pe["outputs"] == [{"name": "prompt", "shape": ["batch", 77, 32], "dtype": "float32"},

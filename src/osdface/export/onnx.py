@@ -18,7 +18,7 @@ file                          inputs                                       outpu
                                                                            not yet clamped (nominally [-1, 1])
 ============================  ===========================================  ==================================
 
-``manifest.json`` records the format and versions, the opset, every graph's file, sha256, input and
+``manifest.json`` records the format and versions, the opset, every graph's file, size, sha256, input and
 output names, shapes (``"batch"`` for a dynamic batch axis) and dtypes, and the constants the host
 code needs: scaling factor, timestep, ᾱ_t (the float64 value the pipeline uses) and resolution.
 The runner is :class:`osdface.runtime.onnx_runner.OnnxRuntimePipeline`.
@@ -29,7 +29,6 @@ in ``<file>.data`` beside the graph (ONNX external data), listed and hashed in t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -43,7 +42,7 @@ from torch import nn
 from .._version import __version__
 from ..errors import InvalidSettingError, ModelFileError
 from ..io.onnx_format import FORMAT, FORMAT_VERSION, GRAPH_FILES, GRAPH_IO, MANIFEST_NAME
-from ..utils.io import atomic_dir
+from ..utils.io import atomic_dir, sha256_file
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -117,14 +116,6 @@ def graph_modules(pipe) -> dict[str, nn.Module]:
 
 
 # ----------------------------------------------------------------------------------- helpers
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _require_onnx():
     try:
         import onnx
@@ -269,13 +260,15 @@ def export_onnx(pipe, output_dir: str | os.PathLike, *, opset: int = DEFAULT_OPS
             entry: dict[str, Any] = {
                 "file": path.name,
                 "sha256": sha256_file(path),
+                "bytes": path.stat().st_size,
                 "inputs": _tensor_infos(inputs, example[name][0], dynamic_batch),
                 "outputs": _tensor_infos(outputs, example[name][1], dynamic_batch),
                 "external_data": None,
             }
             _check_graph_types(onnx.load(str(path), load_external_data=False), entry, path.name)
             if data_name is not None:
-                entry["external_data"] = {"file": data_name, "sha256": sha256_file(tmp / data_name)}
+                entry["external_data"] = {"file": data_name, "sha256": sha256_file(tmp / data_name),
+                                          "bytes": (tmp / data_name).stat().st_size}
             manifest["graphs"][name] = entry
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote %s", out)

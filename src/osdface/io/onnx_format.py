@@ -5,7 +5,7 @@ their input/output names (in the order a restoration runs them)."""
 from __future__ import annotations
 
 FORMAT = "osdface-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every file's size ("bytes") is recorded
 MANIFEST_NAME = "manifest.json"
 
 #: graph name → file name

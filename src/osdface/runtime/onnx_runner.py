@@ -61,7 +61,7 @@ class OnnxRuntimePipeline(ExportedPipeline):
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, providers: list | None = None,
-                    session_options=None) -> OnnxRuntimePipeline:
+                    session_options=None, verify: str = "size") -> OnnxRuntimePipeline:
         """Check ``folder`` (:func:`~osdface.runtime.exported.read_manifest`) and open its four graphs.
 
         Args:
@@ -70,6 +70,9 @@ class OnnxRuntimePipeline(ExportedPipeline):
             session_options: an ``onnxruntime.SessionOptions`` for every session (default: logging
                 of errors only).
 
+            verify: how the listed files are checked before loading: ``"size"`` or ``"sha256"``
+                (:func:`~osdface.runtime.exported.read_manifest`).
+
         Raises:
             ModelFileError: see :func:`~osdface.runtime.exported.read_manifest`; or ONNX Runtime cannot
                 load a graph, or its inputs/outputs differ from the manifest (naming the file).
@@ -77,7 +80,7 @@ class OnnxRuntimePipeline(ExportedPipeline):
         """
         ort = _require_ort()
         folder = Path(folder).expanduser()
-        manifest = read_manifest(folder)
+        manifest = read_manifest(folder, verify)
         providers = list(providers) if providers is not None else default_providers()
         if session_options is None:
             session_options = ort.SessionOptions()

@@ -62,12 +62,15 @@ class OpenVinoPipeline(ExportedPipeline):
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, device: str = "CPU",
-                    config: dict[str, Any] | None = None) -> OpenVinoPipeline:
+                    config: dict[str, Any] | None = None, verify: str = "size") -> OpenVinoPipeline:
         """Check ``folder`` (:func:`~osdface.runtime.exported.read_manifest`), compile its four graphs.
 
         Args:
             device: an OpenVINO device (``CPU``, ``GPU``, ``GPU.1``, ``NPU``, ``AUTO``...).
             config: compile properties for every graph (default :func:`default_config`).
+
+            verify: how the listed files are checked before loading: ``"size"`` or ``"sha256"``
+                (:func:`~osdface.runtime.exported.read_manifest`).
 
         Raises:
             ModelFileError: see :func:`~osdface.runtime.exported.read_manifest`; or OpenVINO cannot read
@@ -77,7 +80,7 @@ class OpenVinoPipeline(ExportedPipeline):
         """
         ov = _require_ov()
         folder = Path(folder).expanduser()
-        manifest = read_manifest(folder)
+        manifest = read_manifest(folder, verify)
         core = ov.Core()
         device = str(device).upper()
         available = list(core.available_devices)

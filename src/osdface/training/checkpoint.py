@@ -26,7 +26,6 @@ Reading one is defensive (issue 12: a corrupt checkpoint is never a traceback):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -43,7 +42,7 @@ from ..errors import ModelFileError, OSDFaceError, WeightsNotFoundError
 from ..io.names import CONFIG_NAME
 from ..io.names import WEIGHTS_NAME as _WEIGHTS_NAME
 from ..model_limits import read_config
-from ..utils.io import normalize_permissions, read_json, write_text_atomic
+from ..utils.io import normalize_permissions, read_json, sha256_file, write_text_atomic
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -137,14 +136,6 @@ def read_trainer_state(ckpt: str | Path) -> dict[str, Any]:
     return state
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _manifest_files(ckpt: Path) -> list[Path]:
     return sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name not in (MANIFEST, TRAINER_STATE))
 
@@ -152,7 +143,7 @@ def _manifest_files(ckpt: Path) -> list[Path]:
 def write_manifest(ckpt: str | Path) -> None:
     """Record size and SHA-256 of every file of the (not yet finished) checkpoint folder ``ckpt``."""
     ckpt = Path(ckpt)
-    files = {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
              for p in _manifest_files(ckpt)}
     write_text_atomic(ckpt / MANIFEST, json.dumps({"files": files}, indent=1))
 
@@ -176,7 +167,7 @@ def _check_manifest(ckpt: Path) -> None:
         if size != entry["size"]:
             raise ModelFileError(f"{path}: {size} bytes, the checkpoint recorded {entry['size']} "
                                  "(truncated or modified)")
-        if _sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise ModelFileError(f"{path}: contents differ from the checksum recorded in {MANIFEST} "
                                  "(corrupted or modified)")
 
