@@ -174,3 +174,34 @@ def test_restore_backend_refusals(backend, static_dir, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip()
     assert message.format(b=backend) in err and "\n" not in err
     assert not (tmp_path / "out" / "face.png").exists()
+
+
+# ------------------------------------------------------------------ --backend auto (the default)
+def _resolve(model, device="auto"):
+    from argparse import Namespace
+
+    from osdface.cli.common import resolve_backend
+
+    return resolve_backend(Namespace(backend="auto", model=model and str(model), device=device))
+
+
+def test_backend_auto_follows_folder_and_device(model_dir, static_dir):
+    assert _resolve(model_dir) == _resolve(None) == _resolve(model_dir, "cuda") == "torch"
+    assert _resolve(static_dir) == _resolve(static_dir, "cpu") == "openvino"  # fastest on the CPU (performance.md)
+    assert _resolve(static_dir, "cuda") == _resolve(static_dir, "cuda:1") == "onnxruntime"
+    assert _resolve(static_dir, "npu") == "openvino"
+
+
+def test_restore_backend_auto_runs_openvino(static_dir, model_dir, tmp_path, make_faces, capsys):
+    Image.fromarray((make_faces(1)[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(
+        tmp_path / "face.png")
+    common = [str(tmp_path / "face.png"), "--aligned", "--model", str(static_dir)]
+    assert main(["restore", *common, "-o", str(tmp_path / "auto")]) == 0
+    assert main(["restore", *common, "-o", str(tmp_path / "ov"), "--backend", "openvino"]) == 0
+    assert (tmp_path / "auto" / "face.png").read_bytes() == (tmp_path / "ov" / "face.png").read_bytes()
+    capsys.readouterr()
+    # an ONNX folder is not a torch model folder: --backend torch says so in one line
+    assert main(["restore", *common, "-o", str(tmp_path / "torch"), "--backend", "torch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--model {static_dir}: an ONNX export" in err and "\n" not in err
+    assert not (tmp_path / "torch").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import re
 import sys
@@ -231,8 +232,9 @@ def add_overwrite_arg(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help=f"replace {what} if it exists (refused otherwise)")
 
 
-#: --backend values: torch runs the model folder in PyTorch; the others run an ONNX export folder
-BACKENDS = ("torch", "onnxruntime", "openvino")
+#: --backend values: torch runs the model folder in PyTorch; the others run an ONNX export folder; auto
+#: picks by the folder and the device (:func:`resolve_backend`)
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -245,15 +247,42 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="run precision (default: fp16 on CUDA, fp32 elsewhere)")
     g.add_argument("--no-fuse-lora", dest="fuse_lora", action="store_false",
                    help="keep the LoRA unmerged (peft) instead of merging it into the UNet")
-    g.add_argument("--backend", default="torch", choices=list(BACKENDS),
-                   help="torch (default), onnxruntime or openvino: with the last two --model is a folder written by "
-                   "osdface export-onnx (--latent mode only; precision fixed at export; --device: onnxruntime "
-                   "auto|cpu|cuda, openvino auto|cpu|gpu[.N]|npu)")
+    g.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                   help="auto (default): torch for a model folder; for a folder written by osdface export-onnx, "
+                   "openvino on the CPU (the fastest here, docs/performance.md) or onnxruntime when openvino is not "
+                   "installed, onnxruntime on CUDA. onnxruntime/openvino: --latent mode only, precision fixed at "
+                   "export; --device: onnxruntime auto|cpu|cuda, openvino auto|cpu|gpu[.N]|npu")
+
+
+def resolve_backend(args) -> str:
+    """The engine ``--backend`` names; for ``auto``, the one the measurements favour for ``--model``/``--device``.
+
+    A folder written by ``osdface export-onnx`` (it has the ONNX manifest) runs on the CPU with OpenVINO,
+    1.0-1.2x faster per face than ONNX Runtime and 1.6-1.9x faster than torch on the dev machine
+    (docs/performance.md, "Backends on this CPU"), falling back to ONNX Runtime when the ``openvino``
+    package is missing; on CUDA with ONNX Runtime (CUDA/TensorRT providers); on an OpenVINO device
+    (``gpu``, ``gpu.N``, ``npu``) with OpenVINO. Every other model source runs in torch.
+    """
+    backend = getattr(args, "backend", "torch")
+    if backend != "auto":
+        return backend
+    from ..io.onnx_format import MANIFEST_NAME
+
+    model = getattr(args, "model", None)
+    if not model or not (Path(model).expanduser() / MANIFEST_NAME).is_file():
+        return "torch"
+    device = str(getattr(args, "device", "auto")).lower()
+    if device.startswith("cuda"):
+        return "onnxruntime"
+    if device in ("auto", "cpu") and importlib.util.find_spec("openvino") is None:
+        return "onnxruntime"
+    return "openvino"
 
 
 def load_pipeline_from_args(args):
     """Build the pipeline from --model / --base-model+--weights / the default locations."""
     from ..io.names import MODEL_INDEX
+    from ..io.onnx_format import MANIFEST_NAME as ONNX_MANIFEST
     from ..pipelines.pipeline_osdface import OSDFacePipeline, resolve_device
     from ..weights import (
         OFFICIAL_FILES,
@@ -265,8 +294,11 @@ def load_pipeline_from_args(args):
         osdface_home,
     )
 
-    if getattr(args, "backend", "torch") != "torch":
+    if resolve_backend(args) != "torch":
         return load_exported_runner_from_args(args)
+    if args.model and (Path(args.model).expanduser() / ONNX_MANIFEST).is_file():
+        raise CLIError(f"--model {args.model}: an ONNX export (osdface export-onnx), not a torch model folder; "
+                       "run it with --backend auto, openvino or onnxruntime")
     device = resolve_device(args.device)
     dtype = args.dtype
     if dtype == "auto":
@@ -306,8 +338,8 @@ def load_exported_runner_from_args(args):
     :class:`~osdface.runtime.openvino_runner.OpenVinoPipeline`), for aligned crops, whole photos and
     videos alike. The refusals (no ONNX folder, ``--latent sample``, a ``--dtype`` other than the
     export's) are the same for both engines; ``--device`` picks the engine's device."""
-    backend = args.backend
-    if backend not in BACKENDS[1:]:
+    backend = resolve_backend(args)
+    if backend not in BACKENDS[2:]:
         raise CLIError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
     if not args.model or args.base_model or args.weights:
         raise CLIError(f"--backend {backend} needs --model ONNX_DIR (a folder written by osdface export-onnx) "
