@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .constants import MAX_IMAGE_PIXELS
 from .errors import OSDFaceError
@@ -143,6 +143,8 @@ def _decode(source, label: str, max_pixels: int, formats: Sequence[str] | None) 
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLargeError(f"{label}: refused as a possible decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{label}: cannot decode image (not a known image format)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{label}: cannot decode image ({e})") from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:

@@ -25,8 +25,11 @@ SUBCOMMANDS = {
     "align": "osdface.cli.align",
     "export": "osdface.cli.export",
     "export-onnx": "osdface.cli.export_onnx",
+    "export-openvino": "osdface.cli.export_openvino",
     "evaluate": "osdface.cli.evaluate",  # also registers `benchmark-table`
     "weights": "osdface.cli.weights",
+    "serve": "osdface.cli.serve",
+    "demo": "osdface.cli.demo",
 }
 
 

@@ -1,0 +1,259 @@
+"""RestoreEngine: one restoration request from bytes to encoded result, with faces batched across requests.
+
+The stages of :class:`~osdface.face.FaceRestorer`, spread over two kinds of threads:
+
+1. CPU threads (``ServeConfig.cpu_workers``): decode (header checked first), detect, align —
+   :meth:`FaceRestorer.prepare`; each thread has its own detector (YuNet keeps per-call state);
+2. model threads (one per replica): :meth:`FaceRestorer.restore_crops` on a batch that holds the faces
+   of every request waiting (:class:`~osdface.serve.batcher.FaceBatcher`);
+3. CPU threads again: :meth:`FaceRestorer.finish` (background upscale, paste-back) and encoding.
+
+So the CPU work of one request never holds the model for the others. Admission is bounded
+(``max_queue`` requests in the engine; one more gets 503 with ``Retry-After``), every request has a
+deadline (504), and the number of faces per photo is capped, so nothing grows without end.
+Used by the HTTP app (:mod:`osdface.serve.app`) and the Gradio demo (:mod:`osdface.serve.demo`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..face.restorer import FaceRestorer, PreparedPhoto
+from ..face.types import FaceCrop
+from ..image import ImageError, ImageFormatError, ImageTooLargeError, LoadedImage, decode_image, encode_image
+from ..utils.logging import get_logger
+from .config import MEDIA_TYPES, RequestError, RestoreOptions, ServeConfig
+from .metrics import ServeMetrics
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class RestoreOutcome:
+    """The result of one request.
+
+    Attributes:
+        image: ``(H', W', 3)`` uint8 RGB output (the photo × upscale, or the restored aligned crop).
+        alpha: its alpha channel, when the input had one.
+        faces: the faces restored (``lq`` and ``restored`` crops; detection box, landmarks and score);
+            empty for an aligned crop.
+        encoded: ``image`` encoded in ``options.output_format``.
+        media_type: of ``encoded``.
+        input_size: ``(H, W)`` of the input.
+        options: the options the request was run with.
+        seconds: time from admission to the encoded result.
+        aligned_lq: the aligned input crop (``options.aligned`` only).
+    """
+
+    image: np.ndarray
+    alpha: np.ndarray | None
+    faces: list[FaceCrop]
+    encoded: bytes
+    media_type: str
+    input_size: tuple[int, int]
+    options: RestoreOptions
+    seconds: float = 0.0
+    aligned_lq: np.ndarray | None = field(default=None, repr=False)
+
+    def report(self) -> dict:
+        """The ``format=json`` answer: sizes, faces (box, landmarks, score) and the image in base64."""
+        h, w = self.input_size
+        return {
+            "input_size": [w, h],
+            "output_size": [int(self.image.shape[1]), int(self.image.shape[0])],
+            "aligned": self.options.aligned,
+            "upscale": self.options.upscale,
+            "faces": [f.detection.to_json() for f in self.faces],
+            "image_format": self.options.output_format,
+            "image": base64.b64encode(self.encoded).decode("ascii"),
+            "seconds": round(self.seconds, 4),
+        }
+
+
+class RestoreEngine:
+    """Restore photos with ``len(pipelines)`` model replicas, batching faces across concurrent requests.
+
+    Args:
+        config: limits and batching (:class:`ServeConfig`).
+        pipelines: one pipeline (or exported runner) per replica, all of the same model.
+        face_models: builds ``{"detector", "parser", "bg_upsampler"}`` (as
+            :func:`osdface.cli.restore_photos.build_face_models`); called once per CPU thread.
+
+    Call :meth:`restore` from one event loop (the engine starts itself in the first one that calls it).
+    """
+
+    def __init__(self, config: ServeConfig, pipelines: Sequence, face_models: Callable[[], dict]) -> None:
+        if len(pipelines) != config.replicas:
+            raise ValueError(f"{len(pipelines)} pipelines for {config.replicas} replicas")
+        self.config = config
+        self.face_size = int(getattr(pipelines[0], "resolution", 512))
+        # one restorer per replica and colour fix: restore_crops applies the fix in float, as the CLI does
+        self._model_restorers = [
+            {cf: FaceRestorer(p, detector=None, color_fix=cf, batch_size=config.max_batch, bg_upsampler=None)
+             for cf in ("wavelet", "adain", "none")}
+            for p in pipelines
+        ]
+        self._face_models = face_models
+        self._local = threading.local()
+        self.metrics = ServeMetrics(config.max_batch)
+        self.cpu_executor = ThreadPoolExecutor(config.cpu_workers, thread_name_prefix="osdface-cpu")
+        self._batcher = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_flight = 0
+        self._closed = False
+        self.metrics.watch(lambda: self._batcher.pending() if self._batcher else 0,
+                           lambda: self._batcher.busy if self._batcher else 0)
+
+    # ------------------------------------------------------------------ life cycle
+    @property
+    def ready(self) -> bool:
+        """Models loaded and the batcher running (``/readyz``)."""
+        return self._batcher is not None and not self._closed
+
+    async def start(self) -> None:
+        """Start the batcher in the running loop (idempotent; :meth:`restore` calls it)."""
+        if self._closed:
+            raise RuntimeError("this engine was closed")
+        if self._batcher is None:
+            from .batcher import FaceBatcher
+
+            self._loop = asyncio.get_running_loop()
+            self._batcher = FaceBatcher(self._run_batch, replicas=self.config.replicas,
+                                        max_batch=self.config.max_batch, max_wait_s=self.config.batch_wait_ms / 1000)
+
+    async def close(self) -> None:
+        """Stop the batcher and the CPU threads."""
+        self._closed = True
+        if self._batcher is not None:
+            await self._batcher.close()
+        self.cpu_executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ one request
+    async def restore(self, image: bytes | LoadedImage, options: RestoreOptions) -> RestoreOutcome:
+        """Restore one photo (encoded bytes, or an already decoded image) with ``options``.
+
+        Raises:
+            RequestError: 413/415/400 for the image, 503 when ``max_queue`` requests are in already
+                (with ``Retry-After``) or the engine is closed, 504 past ``request_timeout_s``.
+        """
+        if self._closed:
+            raise RequestError(503, "the service is shutting down", {"Retry-After": str(self.config.retry_after_s)})
+        await self.start()
+        if self._in_flight >= self.config.max_queue:
+            self.metrics.errors.labels("overloaded").inc()
+            raise RequestError(503, f"the service is busy ({self._in_flight} requests in progress); retry later",
+                               {"Retry-After": str(self.config.retry_after_s)})
+        self._in_flight += 1
+        self.metrics.in_flight.inc()
+        start = time.monotonic()
+        try:
+            out = await asyncio.wait_for(self._run(image, options), self.config.request_timeout_s)
+        except asyncio.TimeoutError:
+            self.metrics.errors.labels("timeout").inc()
+            raise RequestError(504, f"the request took longer than {self.config.request_timeout_s:g} s") from None
+        except RequestError as e:
+            self.metrics.errors.labels(_reason(e.status)).inc()
+            raise
+        finally:
+            self._in_flight -= 1
+            self.metrics.in_flight.dec()
+        out.seconds = time.monotonic() - start
+        return out
+
+    async def _run(self, image, options: RestoreOptions) -> RestoreOutcome:
+        loop = asyncio.get_running_loop()
+        prepared, restorer = await loop.run_in_executor(self.cpu_executor, self._prepare, image, options)
+        crops = [f.lq for f in prepared.faces] if restorer is not None else [prepared.rgb]
+        restored = await self._batcher.submit([(c, options.color_fix) for c in crops]) if crops else []
+        return await loop.run_in_executor(self.cpu_executor, self._finish, prepared, restorer, restored, options)
+
+    # ------------------------------------------------------------------ CPU stages (CPU threads)
+    def _thread_face_models(self) -> dict:
+        models = getattr(self._local, "models", None)
+        if models is None:
+            models = self._local.models = self._face_models()
+        return models
+
+    def _decode(self, image) -> LoadedImage:
+        cfg = self.config
+        if isinstance(image, LoadedImage):
+            h, w = image.rgb.shape[:2]
+            if h * w > cfg.max_pixels:
+                raise RequestError(413, f"image is {w}x{h} = {w * h / 1e6:.1f} MP, above the limit of "
+                                        f"{cfg.max_pixels / 1e6:.1f} MP")
+            return image
+        if not image:
+            raise RequestError(400, "no image in the request")
+        try:
+            return decode_image(image, max_pixels=cfg.max_pixels, formats=cfg.formats, name="uploaded image")
+        except ImageTooLargeError as e:
+            raise RequestError(413, str(e)) from None
+        except ImageFormatError as e:
+            raise RequestError(415, str(e)) from None
+        except ImageError as e:
+            raise RequestError(400, str(e)) from None
+
+    def _prepare(self, image, options: RestoreOptions) -> tuple[PreparedPhoto, FaceRestorer | None]:
+        loaded = self._decode(image)
+        h, w = loaded.rgb.shape[:2]
+        if options.aligned:
+            if h != w:
+                raise RequestError(400, f"aligned=true needs a square face crop, got {w}x{h}")
+            return PreparedPhoto(rgb=loaded.rgb, alpha=loaded.alpha), None
+        oh, ow = math.ceil(h * options.upscale), math.ceil(w * options.upscale)
+        if oh * ow > self.config.max_output_pixels:
+            raise RequestError(413, f"upscale {options.upscale:g} of {w}x{h} makes {ow * oh / 1e6:.0f} MP, above the "
+                                    f"output limit of {self.config.max_output_pixels / 1e6:.0f} MP")
+        models = self._thread_face_models()
+        cap = self.config.max_faces
+        restorer = FaceRestorer(
+            None, detector=models["detector"], upscale=options.upscale, face_size=self.face_size,
+            color_fix=options.color_fix, bg_upsampler=models["bg_upsampler"], parser=models["parser"],
+            max_faces=min(options.max_faces or cap, cap), min_face_size=options.min_face_size,
+            only_center_face=options.only_center_face,
+        )
+        return restorer.prepare(loaded), restorer
+
+    def _finish(self, prepared: PreparedPhoto, restorer: FaceRestorer | None, restored: list,
+                options: RestoreOptions) -> RestoreOutcome:
+        fmt = options.output_format
+        if restorer is None:  # aligned crop: the restored crop is the answer
+            image, faces, lq = restored[0], [], prepared.rgb
+            alpha = prepared.alpha
+        else:
+            result = restorer.finish(prepared, restored)
+            image, faces, lq, alpha = result.image, result.faces, None, result.alpha
+        self.metrics.faces.inc(len(restored))
+        encoded = encode_image(image, alpha, fmt, quality=options.quality)
+        return RestoreOutcome(image=image, alpha=alpha, faces=faces, encoded=encoded, media_type=MEDIA_TYPES[fmt],
+                              input_size=prepared.rgb.shape[:2], options=options, aligned_lq=lq)
+
+    # ------------------------------------------------------------------ the model (replica threads)
+    def _run_batch(self, replica: int, items: list[tuple[np.ndarray, str]]) -> list[np.ndarray]:
+        """Restore a batch of ``(crop, color_fix)``; crops of one size and colour fix go in one model call."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (crop, cf) in enumerate(items):
+            groups.setdefault((crop.shape, cf), []).append(i)
+        out: list = [None] * len(items)
+        for (_, cf), idx in groups.items():
+            t0 = time.monotonic()
+            restored = self._model_restorers[replica][cf].restore_crops(np.stack([items[i][0] for i in idx]))
+            self.metrics.batch_seconds.observe(time.monotonic() - t0)
+            self.metrics.batch_size.observe(len(idx))
+            for i, r in zip(idx, restored):
+                out[i] = r
+        return out
+
+
+def _reason(status: int) -> str:
+    return {400: "bad_request", 401: "unauthorized", 413: "too_large", 415: "unsupported_format",
+            503: "overloaded", 504: "timeout"}.get(status, "other")
