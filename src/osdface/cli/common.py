@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib.util
 import os
 import re
@@ -13,21 +12,11 @@ from pathlib import Path
 
 from ..constants import IMAGE_EXTENSIONS
 from ..errors import OSDFaceError, OutputPathError
-from ..utils.io import clean_stale_temps, is_temp_name
+from ..utils.io import clean_stale_temps
 
 
 class CLIError(OSDFaceError):
     """A usage or set-up problem: printed without a traceback, exit code 2."""
-
-
-def _scanned(p: Path, extensions) -> bool:
-    """A folder entry that counts as an input image: a file with an image suffix, not hidden.
-
-    Hidden names cover osdface's temporaries (``.osdface-tmp-...`` and the legacy ``.<stem>.<8>.tmp.<ext>``);
-    :func:`is_temp_name` is checked as well so a temporary is never read as an image.
-    """
-    return (not p.name.startswith(".") and not is_temp_name(p.name) and p.suffix.lower() in extensions
-            and p.is_file())
 
 
 def expand_inputs(inputs: list[str], extensions=IMAGE_EXTENSIONS) -> tuple[list[Path], list[str]]:
@@ -35,37 +24,13 @@ def expand_inputs(inputs: list[str], extensions=IMAGE_EXTENSIONS) -> tuple[list[
 
     Folders skip hidden files and osdface temporaries; globs skip temporaries (a glob matches hidden
     names only when its pattern asks for them). A file named explicitly is taken as is, unless it is
-    an osdface temporary (reported as a problem).
+    an osdface temporary (reported as a problem). The rules live in
+    :func:`osdface.batch.inputs.collect_inputs` (``osdface restore`` scans folders recursively).
     """
-    files: list[Path] = []
-    problems: list[str] = []
-    for item in inputs:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if _scanned(q, extensions))
-            if not found:
-                problems.append(f"{p}: folder contains no images ({', '.join(extensions)})")
-            files.extend(found)
-        elif p.is_file():
-            if is_temp_name(p.name):
-                problems.append(f"{p}: a temporary file left by an interrupted osdface run, not an input")
-            else:
-                files.append(p)
-        elif any(ch in item for ch in "*?["):
-            matched = sorted(Path(m) for m in glob.glob(os.path.expanduser(item), recursive=True)
-                             if Path(m).is_file() and not is_temp_name(Path(m).name))
-            if not matched:
-                problems.append(f"{item}: pattern matches no files")
-            files.extend(matched)
-        else:
-            problems.append(f"{p}: no such file or folder")
-    seen, unique = set(), []
-    for f in files:
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique, problems
+    from ..batch.inputs import collect_inputs
+
+    photos, problems = collect_inputs(inputs, extensions, recursive=False)
+    return [ph.path for ph in photos], problems
 
 
 # --- output paths -------------------------------------------------------------------------------------------

@@ -45,7 +45,9 @@ def add_face_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compare", action="store_true", help="write OUT/compare/<stem>.png: input | output side by side")
     g.add_argument("--report", metavar="FILE",
                    help="write a JSON report of inputs, outputs and faces (with --aligned: inputs and outputs); "
-                        "never an input or an output of the run; an existing FILE needs --overwrite")
+                        "FILE.jsonl: one line per input, appended as each is written (resumable with "
+                        "--skip-existing); never an input or an output of the run; an existing FILE needs "
+                        "--overwrite (or, for .jsonl, --skip-existing to append)")
     g.add_argument("--no-smooth", dest="smooth", action="store_false",
                    help="videos: no landmark smoothing across frames")
 
@@ -81,14 +83,15 @@ def build_face_models(args, device: str) -> dict:
     return {"detector": detector, "parser": parser, "bg_upsampler": bg}
 
 
-def build_restorer(pipe, args, face_models: dict | None = None):
+def build_restorer(pipe, args, face_models: dict | None = None, face_size: int | None = None):
     """A :class:`~osdface.face.FaceRestorer` over ``pipe`` with the face models of ``args`` (built here
-    unless given by :func:`build_face_models`)."""
+    unless given by :func:`build_face_models`). ``face_size``: the crop side when ``pipe`` is ``None``
+    (a restorer for the detect/align and paste stages only)."""
     from ..face import FaceRestorer
 
     models = face_models if face_models is not None else build_face_models(args, face_layer_device(args))
     return FaceRestorer(
-        pipe, detector=models["detector"], upscale=getattr(args, "upscale", 1),
+        pipe, detector=models["detector"], upscale=getattr(args, "upscale", 1), face_size=face_size,
         color_fix=getattr(args, "color_fix", "wavelet"), paste_back=getattr(args, "paste_back", True),
         bg_upsampler=models["bg_upsampler"], parser=models["parser"],
         max_faces=getattr(args, "max_faces", 0) or None, min_face_size=getattr(args, "min_face_size", 0),
@@ -97,24 +100,62 @@ def build_restorer(pipe, args, face_models: dict | None = None):
     )
 
 
-def _side_by_side(a, b):
-    import cv2
-    import numpy as np
-
-    if a.shape[:2] != b.shape[:2]:
-        a = cv2.resize(a, (b.shape[1], b.shape[0]), interpolation=cv2.INTER_LANCZOS4)
-    return np.concatenate([a, b], axis=1)
+def face_stage_restorer(args, face_size: int):
+    """``--engine ray`` CPU stages (read/detect/align, paste/write): the face models of ``args`` on the
+    CPU and no pipeline. Called on the Ray workers (``functools.partial`` shipped by pickle)."""
+    return build_restorer(None, args, build_face_models(args, "cpu"), face_size=face_size)
 
 
-def _save_faces(res, out: Path, ext: str) -> None:
-    from ..image import save_image
+def model_stage_restorer(args):
+    """``--engine ray`` model actors: the pipeline of ``args`` (loaded once per actor, on the GPU Ray
+    gives it, else the CPU) and the model-side settings (colour fix, batch size, latent); no detector."""
+    from ..face import FaceRestorer
+    from .common import load_pipeline_from_args
 
-    root, stem = out.parent, out.stem
-    for i, f in enumerate(res.faces):
-        save_image(root / "cropped_faces" / f"{stem}_{i:02d}.{ext}", f.lq)
-        if f.restored is not None:
-            save_image(root / "restored_faces" / f"{stem}_{i:02d}.{ext}", f.restored)
-            save_image(root / "cmp" / f"{stem}_{i:02d}.{ext}", _side_by_side(f.lq, f.restored))
+    pipe = load_pipeline_from_args(args)
+    return FaceRestorer(pipe, detector=None, color_fix=getattr(args, "color_fix", "wavelet"), bg_upsampler=None,
+                        batch_size=getattr(args, "batch_size", 1), latent=getattr(args, "latent", "mode"),
+                        seed=getattr(args, "seed", 0))
+
+
+def model_resolution_from_args(args) -> int:
+    """The crop side of the model ``args`` names, read from its folder's configs (no weights loaded):
+    ``--engine ray`` aligns faces on CPU workers before any model actor exists.
+
+    Raises:
+        CLIError: the model is given as --base-model/--weights (convert it to a folder first).
+    """
+    from .common import CLIError
+
+    if getattr(args, "backend", "torch") != "torch":
+        from ..runtime.exported import read_manifest
+
+        return int(read_manifest(args.model)["resolution"])
+    from ..io.model_folders import read_model_folder
+    from ..io.names import MODEL_INDEX
+    from ..weights import default_model_dir
+
+    model = args.model
+    if model is None and not (args.base_model or args.weights) and (default_model_dir() / MODEL_INDEX).is_file():
+        model = default_model_dir()
+    if model is None:
+        raise CLIError("--engine ray needs a model folder (--model MODEL_DIR): make one with "
+                       "'osdface convert --base-model SD_DIR --weights OSDFACE_DIR -o MODEL_DIR'")
+    return read_model_folder(model).resolution
+
+
+def row_printer(bar):
+    """Per-row console lines of a photo run (a failure, a photo without faces) and the progress bar."""
+    from tqdm import tqdm
+
+    def show(row: dict) -> None:
+        bar.update(1)
+        if row["error"] is not None:
+            report_error(row["error"])
+        elif not row["faces"]:
+            tqdm.write(f"{row['input']}: no face found; written unchanged", file=sys.stderr)
+
+    return show
 
 
 def write_report(path: str | Path, entries: list[dict]) -> bool:
@@ -130,67 +171,47 @@ def write_report(path: str | Path, entries: list[dict]) -> bool:
 
 
 def restore_photos(pipe, jobs: list[tuple[Path, Path]], args: argparse.Namespace,
-                   report: list[dict] | None = None, face_models: dict | None = None) -> int:
+                   report: list[dict] | None = None, face_models: dict | None = None, on_row=None) -> int:
     """Restore whole photos (and videos) ``jobs = [(input, output)]``; returns the number that failed.
 
-    ``report``, if given, receives one ``{"input", "output", "faces"}`` entry per job (photos first,
-    then videos), the format of ``--report``.
+    Photos run on :func:`osdface.batch.local.restore_collection` (file work overlapping the model,
+    ``--prefetch``), then videos one by one. ``report``, if given, receives one
+    ``{"input", "output", "faces"}`` entry per job (photos first, then videos), the format of
+    ``--report FILE.json``; ``on_row`` gets each row with its ``"error"`` as soon as it is written.
 
     Raises:
         OSDFaceError: the detector, parsing model or background upsampler cannot be built (set-up error).
     """
     from tqdm import tqdm
 
-    from ..image import ImageError, read_image, save_image
+    from ..batch.local import restore_collection
+    from ..batch.stages import PhotoJob, WriteOptions
 
     restorer = build_restorer(pipe, args, face_models)  # set-up errors: OSDFaceErrors, one line, exit 2
-    photos = [(s, d) for s, d in jobs if s.suffix.lower() not in VIDEO_EXTENSIONS]
+    photos = [PhotoJob(s, d) for s, d in jobs if s.suffix.lower() not in VIDEO_EXTENSIONS]
     videos = [(s, d) for s, d in jobs if s.suffix.lower() in VIDEO_EXTENSIONS]
-    if report is None:
-        report = []
     failed = 0
-    ext = getattr(args, "ext", "png")
 
-    def loaded():
-        for src, _ in photos:
-            try:
-                yield read_image(src)
-            except ImageError as e:
-                yield e
+    def emit(row: dict) -> None:
+        if report is not None:
+            report.append({k: row[k] for k in ("input", "output", "faces")})
+        if on_row is not None:
+            on_row(row)
 
-    bar = tqdm(total=len(photos), desc="restore", unit="photo", disable=None) if photos else None
-    for (src, dst), res in zip(photos, restorer.restore_many(loaded())):
-        entry = {"input": str(src), "output": None, "faces": []}
-        report.append(entry)
-        bar.update(1)
-        if isinstance(res, Exception):
-            msg = str(res) if isinstance(res, ImageError) else f"{src}: restoration failed: {res}"
-            report_error(msg)
-            failed += 1
-            continue
-        entry["faces"] = [f.detection.to_json() for f in res.faces]
-        if not res.faces:
-            tqdm.write(f"{src}: no face found; written unchanged", file=sys.stderr)
-        try:
-            if res.image is not None:
-                save_image(dst, res.image, res.alpha)
-                entry["output"] = str(dst)
-                if args.compare:
-                    from ..image import read_image as _read
+    if photos:
+        bar = tqdm(total=len(photos), desc="restore", unit="photo", disable=None)
+        show = row_printer(bar)
 
-                    save_image(dst.parent / "compare" / f"{dst.stem}.{ext}",
-                               _side_by_side(_read(src).rgb, res.image))
-            if args.save_faces or not restorer.paste_back:
-                _save_faces(res, dst, ext)
-        except (OSError, ImageError) as e:
-            report_error(f"{src}: cannot write {dst}: {e}")
-            failed += 1
-    if bar is not None:
+        def photo_row(row: dict) -> None:
+            emit(row)
+            show(row)
+
+        options = WriteOptions(compare=getattr(args, "compare", False), save_faces=getattr(args, "save_faces", False))
+        stats = restore_collection(restorer, photos, photo_row, options, prefetch=getattr(args, "prefetch", 8))
         bar.close()
+        failed += stats.failed
 
     for src, dst in videos:
-        entry = {"input": str(src), "output": None, "faces": []}
-        report.append(entry)
         vdst = dst.with_suffix(".mp4")
         try:
             from ..face.video import probe_video, restore_video
@@ -200,13 +221,17 @@ def restore_photos(pipe, jobs: list[tuple[Path, Path]], args: argparse.Namespace
                 vr = restore_video(restorer, src, vdst, smooth=getattr(args, "smooth", True),
                                    progress=lambda n: vbar.update(1))
         except (ValueError, RuntimeError, OSError) as e:
-            report_error(f"{src}: video restoration failed: {e}")
+            msg = f"{src}: video restoration failed: {e}"
+            report_error(msg)
+            emit({"input": str(src), "output": None, "faces": [], "error": msg})
             failed += 1
             continue
-        entry["output"] = str(vdst)
-        entry["faces"] = [{**d.to_json(), "frame": i} for i, dets in enumerate(vr.faces_per_frame) for d in dets]
+        faces = [{**d.to_json(), "frame": i} for i, dets in enumerate(vr.faces_per_frame) for d in dets]
+        error = None
         if vr.failed_frames:
-            report_error(f"{src}: {vr.failed_frames} of {vr.frames} frames could not be restored (written as is)")
+            error = f"{src}: {vr.failed_frames} of {vr.frames} frames could not be restored (written as is)"
+            report_error(error)
             failed += 1
+        emit({"input": str(src), "output": str(vdst), "faces": faces, "error": error})
 
     return failed

@@ -1,0 +1,253 @@
+"""Restore a collection in one process, the file work overlapping the model.
+
+Issue 15: on a GPU the CPU face work of a photo (decode, detect, align; paste, encode, write) takes
+about as long as the model, so run sequentially the model waits half the time. Here three threads
+run the stages of :mod:`osdface.batch.stages`:
+
+    reader (read, detect, align) ─▶ queue(prefetch) ─▶ model (this thread) ─▶ queue(prefetch) ─▶ writer
+
+Both queues are bounded (at most ``prefetch`` photos wait on each side), so memory stays bounded
+and a slow writer holds the reader back. The model batches faces across photos in full batches
+(:func:`~osdface.batch.stages.restore_faces`), and photos are written and reported in input order:
+the outputs are the same bytes as with ``prefetch=0`` (no threads). OpenCV, PIL, numpy and torch
+release the GIL in their heavy loops, so the threads overlap for real.
+
+:class:`RunStats` says how long the model stage ran and how long it waited on file work.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..utils.logging import get_logger
+from .stages import (
+    PhotoJob,
+    WriteOptions,
+    error_message,
+    failure_row,
+    first_line,
+    prepare,
+    restore_faces,
+    write_photo,
+)
+
+logger = get_logger(__name__)
+
+_END = object()
+
+
+@dataclass
+class RunStats:
+    """Counts and times of one run (seconds, ``time.perf_counter``).
+
+    Attributes:
+        photos: rows reported; failed: of those, the failed ones; faces: faces restored.
+        wall_s: the whole run.
+        model_s: time inside the model calls.
+        model_wait_s: time the model stage waited for file work (an empty input queue or a full
+            output queue; without overlap: all the read/detect/align and paste/write time).
+    """
+
+    photos: int = 0
+    failed: int = 0
+    faces: int = 0
+    wall_s: float = 0.0
+    model_s: float = 0.0
+    model_wait_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _ModelStage:
+    """Collects prepared photos, runs full face batches, hands finished photos on in input order."""
+
+    def __init__(self, restorer, emit: Callable[[tuple], None], stats: RunStats) -> None:
+        self.restorer, self.emit, self.stats = restorer, emit, stats
+        self.order: deque[dict] = deque()
+        self.pending: list[tuple[dict, int]] = []
+
+    def add(self, job: PhotoJob, item) -> None:
+        entry: dict = {"job": job, "error": None, "prepared": None, "restored": []}
+        if isinstance(item, BaseException):
+            entry["error"] = error_message(job, item)
+        else:
+            entry["prepared"] = item
+            entry["restored"] = [None] * len(item.faces)
+            self.pending.extend((entry, i) for i in range(len(item.faces)))
+        self.order.append(entry)
+        bs = self.restorer.batch_size
+        while len(self.pending) >= bs:
+            self._run(bs)
+        self._drain()
+
+    def finish(self) -> None:
+        while self.pending:
+            self._run(self.restorer.batch_size)
+        self._drain()
+
+    def _run(self, n: int) -> None:
+        batch, self.pending = self.pending[:n], self.pending[n:]
+        t = time.perf_counter()
+        try:
+            out = restore_faces(self.restorer, [e["prepared"].faces[i].lq for e, i in batch])
+        except Exception as exc:  # noqa: BLE001 - a model failure fails this batch's photos (reason kept)
+            logger.debug("model batch failed", exc_info=True)
+            for e, _ in batch:
+                e["error"] = e["error"] or error_message(e["job"], exc)
+            return
+        finally:
+            self.stats.model_s += time.perf_counter() - t
+        for (e, i), r in zip(batch, out):
+            e["restored"][i] = r
+        self.stats.faces += len(batch)
+
+    def _drain(self) -> None:
+        while self.order:
+            e = self.order[0]
+            if e["error"] is None and any(r is None for r in e["restored"]):
+                return
+            self.order.popleft()
+            self.emit((e["job"], e["prepared"], e["restored"], e["error"]))
+
+
+def _write(restorer, item: tuple, options: WriteOptions) -> dict[str, Any]:
+    job, prepared, restored, error = item
+    if error is not None:
+        return failure_row(job, error)
+    try:
+        return write_photo(restorer, job, prepared, restored, options)
+    except Exception as exc:  # noqa: BLE001 - recorded per photo with its reason; the run goes on
+        logger.debug("writing %s failed", job.output, exc_info=True)
+        return failure_row(job, f"{job.input}: cannot write {job.output}: {first_line(exc)}")
+
+
+def _prepare(restorer, job: PhotoJob):
+    try:
+        return prepare(restorer, job)
+    except Exception as exc:  # noqa: BLE001 - recorded per photo with its reason; the run goes on
+        logger.debug("preparing %s failed", job.input, exc_info=True)
+        return exc
+
+
+def restore_collection(restorer, jobs: Iterable[PhotoJob], on_row: Callable[[dict[str, Any]], None],
+                       options: WriteOptions = WriteOptions(), prefetch: int = 8) -> RunStats:
+    """Restore ``jobs`` with ``restorer`` (a :class:`~osdface.face.FaceRestorer` with its pipeline).
+
+    Args:
+        jobs: photos and their outputs (videos are not photos: the CLI runs them separately).
+        on_row: called with each photo's report row, in job order, right after its outputs are
+            written (from the writer thread; with ``prefetch=0`` from this one). An exception it
+            raises (a report that cannot be written) stops the run and is re-raised here.
+        options: side outputs.
+        prefetch: photos that may wait before and after the model stage; ``0`` runs the stages
+            one after the other in this thread (no overlap).
+
+    Returns:
+        :class:`RunStats`. Per-photo failures are rows, never exceptions.
+    """
+    stats = RunStats()
+    t0 = time.perf_counter()
+
+    def report(row: dict[str, Any]) -> None:
+        on_row(row)
+        stats.photos += 1
+        stats.failed += row["error"] is not None
+
+    if prefetch <= 0:
+        def emit(item: tuple) -> None:
+            t = time.perf_counter()
+            report(_write(restorer, item, options))
+            stats.model_wait_s += time.perf_counter() - t
+
+        stage = _ModelStage(restorer, emit, stats)
+        for job in jobs:
+            t = time.perf_counter()
+            item = _prepare(restorer, job)
+            stats.model_wait_s += time.perf_counter() - t
+            stage.add(job, item)
+        stage.finish()
+        stats.wall_s = time.perf_counter() - t0
+        return stats
+
+    in_q: queue.Queue = queue.Queue(maxsize=prefetch)
+    out_q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def put(q: queue.Queue, item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            for job in jobs:
+                if not put(in_q, (job, _prepare(restorer, job))):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, re-raised there
+            failures.append(exc)
+            stop.set()
+        finally:
+            put(in_q, _END)
+
+    def writer() -> None:
+        try:
+            while True:
+                try:
+                    item = out_q.get(timeout=0.1)
+                except queue.Empty:
+                    if stop.is_set():
+                        return
+                    continue
+                if item is _END:
+                    return
+                report(_write(restorer, item, options))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, re-raised there
+            failures.append(exc)
+            stop.set()
+
+    def emit(item: tuple) -> None:
+        t = time.perf_counter()
+        put(out_q, item)
+        stats.model_wait_s += time.perf_counter() - t
+
+    threads = [threading.Thread(target=reader, name="osdface-read", daemon=True),
+               threading.Thread(target=writer, name="osdface-write", daemon=True)]
+    for th in threads:
+        th.start()
+    stage = _ModelStage(restorer, emit, stats)
+    try:
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                item = in_q.get(timeout=0.1)
+            except queue.Empty:
+                stats.model_wait_s += time.perf_counter() - t
+                continue
+            stats.model_wait_s += time.perf_counter() - t
+            if item is _END:
+                break
+            stage.add(*item)
+        if not stop.is_set():
+            stage.finish()
+            put(out_q, _END)
+        threads[1].join()
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    if failures:
+        raise failures[0]
+    stats.wall_s = time.perf_counter() - t0
+    return stats
