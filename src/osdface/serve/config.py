@@ -105,7 +105,7 @@ class ServeConfig:
             raise InvalidSettingError(f"formats {list(self.formats)}: choose one or more of {', '.join(INPUT_FORMATS)}")
         object.__setattr__(self, "formats", formats)
         if self.api_key is not None and len(self.api_key) < 8:
-            raise InvalidSettingError("the API key must have at least 8 characters")
+            raise InvalidSettingError("api_key: the API key must have at least 8 characters")
 
 
 def _parse_bool(name: str, text: str) -> bool:

@@ -1,0 +1,130 @@
+"""FaceBatcher: items of concurrent submitters share one batch while a replica is busy; bounds and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from osdface.serve.batcher import FaceBatcher
+
+
+class GatedModel:
+    """A plain batch function that records its batches; the first call waits for ``gate`` (a busy replica)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.batches: list[list[int]] = []
+        self.replicas: list[int] = []
+
+    def __call__(self, replica: int, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.replicas.append(replica)
+        self.started.set()
+        self.gate.wait(60)
+        if -1 in items:
+            raise ValueError("item -1 is poison")
+        return [x * 10 for x in items]
+
+
+async def _wait_started(model: GatedModel) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, model.started.wait, 60)
+
+
+def test_waiting_items_of_many_submitters_form_one_batch():
+    async def main():
+        model = GatedModel()
+        b = FaceBatcher(model, replicas=1, max_batch=8, max_wait_s=0.0)
+        first = asyncio.ensure_future(b.submit([1]))
+        await _wait_started(model)  # the only replica is busy with [1]
+        rest = [asyncio.ensure_future(b.submit([10 * i, 10 * i + 1])) for i in range(1, 4)]  # 3 requests, 6 faces
+        await asyncio.sleep(0)
+        assert b.pending() == 6
+        model.gate.set()
+        results = await asyncio.gather(first, *rest)
+        await b.close()
+        return model, results
+
+    model, results = asyncio.run(main())
+    assert results == [[10], [100, 110], [200, 210], [300, 310]]
+    assert model.batches == [[1], [10, 11, 20, 21, 30, 31]], "the six waiting faces went in one model call"
+
+
+def test_max_batch_splits_and_one_is_no_batching():
+    async def main(max_batch):
+        model = GatedModel()
+        b = FaceBatcher(model, replicas=1, max_batch=max_batch, max_wait_s=0.0)
+        first = asyncio.ensure_future(b.submit([0]))
+        await _wait_started(model)
+        rest = asyncio.ensure_future(b.submit(list(range(1, 6))))
+        await asyncio.sleep(0)
+        model.gate.set()
+        await asyncio.gather(first, rest)
+        await b.close()
+        return [len(x) for x in model.batches]
+
+    assert asyncio.run(main(2)) == [1, 2, 2, 1]
+    assert asyncio.run(main(1)) == [1, 1, 1, 1, 1, 1]
+
+
+def test_a_failing_batch_fails_only_its_items_and_the_batcher_goes_on():
+    async def main():
+        model = GatedModel()
+        model.gate.set()
+        b = FaceBatcher(model, replicas=1, max_batch=1, max_wait_s=0.0)
+        with pytest.raises(ValueError, match="poison"):
+            await b.submit([-1])
+        ok = await b.submit([4])
+        await b.close()
+        return ok
+
+    assert asyncio.run(main()) == [40]
+
+
+def test_two_replicas_run_batches_concurrently():
+    async def main():
+        model = GatedModel()
+        b = FaceBatcher(model, replicas=2, max_batch=4, max_wait_s=0.0)
+        first = asyncio.ensure_future(b.submit([1]))
+        await _wait_started(model)
+        model.started.clear()
+        second = asyncio.ensure_future(b.submit([2]))
+        await _wait_started(model)  # replica 1 took [2] while replica 0 is still held
+        assert b.busy == 2
+        model.gate.set()
+        await asyncio.gather(first, second)
+        await b.close()
+        return sorted(model.replicas)
+
+    assert asyncio.run(main()) == [0, 1]
+
+
+def test_cancelled_waiters_are_skipped():
+    async def main():
+        model = GatedModel()
+        b = FaceBatcher(model, replicas=1, max_batch=8, max_wait_s=0.0)
+        first = asyncio.ensure_future(b.submit([1]))
+        await _wait_started(model)
+        gone = asyncio.ensure_future(b.submit([2, 3]))
+        kept = asyncio.ensure_future(b.submit([4]))
+        await asyncio.sleep(0)
+        gone.cancel()  # a request that timed out
+        model.gate.set()
+        out = await asyncio.gather(first, kept)
+        await b.close()
+        return out, model.batches
+
+    out, batches = asyncio.run(main())
+    assert out == [[10], [40]] and batches == [[1], [4]]
+
+
+def test_bounds_are_checked():
+    async def main():
+        with pytest.raises(ValueError):
+            FaceBatcher(lambda r, x: x, replicas=0)
+        with pytest.raises(ValueError):
+            FaceBatcher(lambda r, x: x, max_batch=0)
+
+    asyncio.run(main())

@@ -1,0 +1,109 @@
+"""``osdface serve`` / ``demo`` flags and settings: bounds fail at start-up with one line (exit 2), options parse
+strictly, the web stack is not imported by ``osdface --version``, and the layering holds."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from osdface.cli import main
+from osdface.errors import InvalidSettingError
+from osdface.serve.config import RequestError, RestoreOptions, ServeConfig
+
+
+@pytest.mark.parametrize("field,value", [("max_batch", 0), ("batch_wait_ms", -1), ("replicas", 0), ("port", 70000),
+                                         ("max_queue", 0), ("max_pixels", 10), ("request_timeout_s", 0),
+                                         ("max_upscale", 0.5), ("formats", ("GIF",)), ("formats", ()),
+                                         ("api_key", "short")])
+def test_config_bounds(field, value):
+    with pytest.raises(InvalidSettingError, match=field.split("_")[0]):
+        ServeConfig(**{field: value})
+
+
+def test_defaults_bind_loopback_and_normalise_formats():
+    cfg = ServeConfig(formats=("png", "webp"))
+    assert cfg.host == "127.0.0.1" and cfg.formats == ("PNG", "WEBP") and cfg.api_key is None
+
+
+def test_options_parse():
+    cfg = ServeConfig()
+    opts = RestoreOptions.parse({"aligned": "yes", "color_fix": "AdaIN", "format": "jpg", "quality": "80"}, cfg)
+    assert opts == RestoreOptions(aligned=True, color_fix="adain", format="jpeg", quality=80)
+    assert RestoreOptions.parse({"format": "json"}, cfg).output_format == "png"
+    for bad in ({"upscale": "5"}, {"max_faces": "17"}, {"aligned": "maybe"}, {"path": "/etc"}, {"quality": "1e3"}):
+        with pytest.raises(RequestError) as e:
+            RestoreOptions.parse(bad, cfg)
+        assert e.value.status == 400
+
+
+def _run(argv):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, err.getvalue()
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_bad_flags_exit_2_with_one_line_before_loading(tmp_path, command):
+    rc, err = _run([command, "--model", str(tmp_path / "missing"), "--max-batch", "0"])
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == ["osdface: error: max_batch must be in [1, 256], got 0"]
+
+
+def test_missing_model_folder_is_one_line(tmp_path):
+    rc, err = _run(["serve", "--model", str(tmp_path / "missing")])
+    assert rc == 2 and err.startswith("osdface: error:") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_api_key_from_environment(monkeypatch):
+    from osdface.cli import build_parser
+    from osdface.cli.serve import config_from_args
+
+    monkeypatch.setenv("OSDFACE_API_KEY", "from-the-env-123")
+    args = build_parser().parse_args(["serve"])
+    assert config_from_args(args).api_key == "from-the-env-123"
+    args = build_parser().parse_args(["serve", "--api-key", "from-the-flag-1"])
+    assert config_from_args(args).api_key == "from-the-flag-1"
+
+
+def test_version_imports_no_web_stack():
+    code = ("import sys; from osdface.cli import main\n"
+            "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('fastapi', 'uvicorn', 'gradio', 'torch', 'prometheus_client') if m in sys.modules]\n"
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_serve_extra_is_installed():
+    """The dev set-up installs the serve extra; its absence must fail here, not skip the service tests."""
+    for module in ("fastapi", "uvicorn", "prometheus_client", "multipart", "httpx", "gradio", "playwright"):
+        assert importlib.util.find_spec(module) is not None, f"{module} missing: pip install -e '.[serve]'"
+
+
+def test_serve_layer():
+    """serve is a program: nothing below the programs imports it, and it imports no other program."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        from test_import_graph import import_graph
+    finally:
+        sys.path.pop(0)
+    graph = import_graph()
+    assert any(m.startswith("osdface.serve") for m in graph)
+    programs = ("osdface.serve", "osdface.cli")
+    below = sorted(f"{a} -> {b}" for a, bs in graph.items() for b in bs
+                   if b.startswith("osdface.serve") and not a.startswith(programs))
+    assert below == []
+    out = sorted(f"{a} -> {b}" for a, bs in graph.items() if a.startswith("osdface.serve") for b in bs
+                 if b.startswith(("osdface.cli", "osdface.training", "osdface.evaluation", "osdface.export")))
+    assert out == []
+    cli_users = sorted(a for a, bs in graph.items() if a.startswith("osdface.cli") and
+                       any(b.startswith("osdface.serve") for b in bs))
+    assert cli_users == ["osdface.cli.demo", "osdface.cli.serve"]
