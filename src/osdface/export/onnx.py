@@ -228,6 +228,8 @@ def export_onnx(pipe, output_dir: str | os.PathLike, *, opset: int = DEFAULT_OPS
         "torch_version": torch.__version__,
         "onnx_version": onnx.__version__,
         "opset": int(opset),
+        "graph_format": "onnx",
+        "weight_compression": None,
         "dtype": str(dtype).removeprefix("torch."),
         "dynamic_batch": bool(dynamic_batch),
         "resolution": int(pipe.resolution),

@@ -1,7 +1,7 @@
 """What every runner of an exported folder (:mod:`osdface.export.onnx`) shares, whatever engine runs the graphs.
 
 * :func:`read_manifest`: the folder check (format, version, fields, every listed file and its SHA-256,
-  no unlisted ``.onnx``), before any graph is loaded;
+  no unlisted ``.onnx``/``.xml``/``.bin``), before any graph is loaded;
 * :class:`ExportedPipeline`: the call contract of :class:`~osdface.pipelines.OSDFacePipeline` and its host
   code (preprocessing, the float64 x0 step, the NaN/Inf checks, the output conversion). A subclass only
   opens the four graphs (:meth:`ExportedPipeline._open_graphs`) and runs one (:meth:`ExportedPipeline._run_graph`).
@@ -24,7 +24,15 @@ import torch
 
 from ..errors import InvalidSettingError, ModelFileError
 from ..image import from_model_range
-from ..io.onnx_format import FORMAT, FORMAT_VERSION, GRAPH_IO, MANIFEST_NAME
+from ..io.onnx_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPH_FORMATS,
+    GRAPH_IO,
+    GRAPH_SUFFIXES,
+    MANIFEST_NAME,
+    WEIGHT_COMPRESSIONS,
+)
 from ..pipelines.output import OSDFacePipelineOutput
 from ..pipelines.pipeline_osdface import OSDFacePipeline, OutputType, _convert_output
 from ..utils.io import read_json, sha256_file
@@ -74,7 +82,7 @@ def read_manifest(folder: str | os.PathLike, verify: str = "size") -> dict[str, 
     Raises:
         ModelFileError: (one line, naming the file) the manifest is missing or malformed, of another
             format or format version; a listed file is missing, of another size or (``verify="sha256"``)
-            another sha256; the folder holds an ``.onnx`` file the manifest does not list.
+            another sha256; the folder holds an ``.onnx``, ``.xml`` or ``.bin`` file the manifest does not list.
         InvalidSettingError: ``verify`` is not one of :data:`VERIFY_MODES`.
     """
     if verify not in VERIFY_MODES:
@@ -96,6 +104,12 @@ def read_manifest(folder: str | os.PathLike, verify: str = "size") -> dict[str, 
                        ("scaling_factor", (int, float)), ("alpha_cumprod", float), ("graphs", dict)):
         if not isinstance(m.get(key), types) or (types is int and isinstance(m.get(key), bool)):
             raise ModelFileError(f"{path}: field {key!r} is missing or has the wrong type")
+    if m.get("graph_format") not in GRAPH_FORMATS:
+        raise ModelFileError(f"{path}: graph_format {m.get('graph_format')!r} not supported "
+                             f"({' or '.join(GRAPH_FORMATS)})")
+    if m.get("weight_compression", "?") not in WEIGHT_COMPRESSIONS:
+        raise ModelFileError(f"{path}: weight_compression {m.get('weight_compression', '(missing)')!r} not supported")
+    suffix = GRAPH_SUFFIXES[m["graph_format"]]
     if m["dtype"] not in DTYPES:
         raise ModelFileError(f"{path}: dtype {m['dtype']!r} not supported (float32 or float16)")
     if not (0.0 < m["alpha_cumprod"] < 1.0) or m["resolution"] < 8 or m["scaling_factor"] <= 0:
@@ -107,6 +121,8 @@ def read_manifest(folder: str | os.PathLike, verify: str = "size") -> dict[str, 
         if not isinstance(g, dict):
             raise ModelFileError(f"{path}: graph {name!r} is not listed")
         file = _plain_name(path, g.get("file"), f"graphs.{name}.file")
+        if not file.endswith(suffix):
+            raise ModelFileError(f"{path}: graphs.{name}.file must be a {suffix} file ({m['graph_format']} folder)")
         if file in listed:
             raise ModelFileError(f"{path}: {file} is listed twice")
         _check_file(folder, path, file, g, verify)
@@ -127,9 +143,9 @@ def read_manifest(folder: str | os.PathLike, verify: str = "size") -> dict[str, 
     unknown = sorted(set(graphs) - set(GRAPH_IO))
     if unknown:
         raise ModelFileError(f"{path}: unknown graph(s) {unknown}")
-    for f in sorted(folder.glob("*.onnx")):
-        if f.name not in listed:
-            raise ModelFileError(f"{f}: unknown .onnx file, not listed in {MANIFEST_NAME}")
+    for f in sorted(folder.iterdir()):
+        if f.suffix in (".onnx", ".xml", ".bin") and f.name not in listed:
+            raise ModelFileError(f"{f}: unknown {f.suffix} file, not listed in {MANIFEST_NAME}")
     return m
 
 

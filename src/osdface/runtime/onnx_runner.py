@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidSettingError
+from ..errors import InvalidSettingError, ModelFileError
 from ..utils.logging import get_logger
 from .exported import ExportedPipeline, read_manifest, sha256_file
 
@@ -81,6 +81,10 @@ class OnnxRuntimePipeline(ExportedPipeline):
         ort = _require_ort()
         folder = Path(folder).expanduser()
         manifest = read_manifest(folder, verify)
+        if manifest["graph_format"] != "onnx":
+            raise ModelFileError(f"{folder}: an OpenVINO IR folder ({manifest['graph_format']}, weights "
+                                 f"{manifest['weight_compression'] or manifest['dtype']}): run it with OpenVINO "
+                                 "(--backend openvino), or ONNX Runtime on the ONNX export it came from")
         providers = list(providers) if providers is not None else default_providers()
         if session_options is None:
             session_options = ort.SessionOptions()

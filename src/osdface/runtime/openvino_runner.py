@@ -1,8 +1,9 @@
-"""Run an exported ONNX folder (:mod:`osdface.export.onnx`) with OpenVINO.
+"""Run an exported folder with OpenVINO: the ONNX export (:mod:`osdface.export.onnx`) or its OpenVINO IR
+(:mod:`osdface.export.openvino`, optionally with int8 weights).
 
-OpenVINO reads the ONNX files themselves (``Core.read_model``): the folder is the one ONNX Runtime runs,
-checked by the same manifest validation, and :class:`OpenVinoPipeline` shares the host code and call
-contract of :class:`~osdface.runtime.exported.ExportedPipeline`.
+OpenVINO reads either kind itself (``Core.read_model``); both are checked by the same manifest
+validation, and :class:`OpenVinoPipeline` shares the host code and call contract of
+:class:`~osdface.runtime.exported.ExportedPipeline`.
 """
 
 from __future__ import annotations
@@ -102,4 +103,5 @@ class OpenVinoPipeline(ExportedPipeline):
         return list(handle.infer(feed).to_tuple())
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.source!r}, dtype={self.manifest['dtype']}, device={self.ov_device!r})"
+        weights = self.manifest["weight_compression"] or self.manifest["dtype"]
+        return f"{type(self).__name__}({self.source!r}, weights={weights}, device={self.ov_device!r})"
