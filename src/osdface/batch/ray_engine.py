@@ -183,7 +183,7 @@ def restore_collection_ray(
     on_row: Callable[[dict[str, Any]], None],
     *,
     workers: int = 1,
-    gpus_per_worker: float = 0.0,
+    gpus_per_worker: float | None = None,
     cpus_per_worker: float = 1.0,
     stage_cpus: float = 1.0,
     photos_per_call: int = 8,
@@ -197,7 +197,8 @@ def restore_collection_ray(
         jobs: photos and their outputs (planned by the caller: :mod:`osdface.batch.inputs`).
         stages: the builders (:class:`RayStages`).
         workers: model actors (one per GPU, typically).
-        gpus_per_worker / cpus_per_worker: what each model actor reserves. Without a GPU the actor
+        gpus_per_worker / cpus_per_worker: what each model actor reserves (``gpus_per_worker=None``:
+            1 when the cluster has GPUs, else 0). Without a GPU the actor
             runs torch with ``max(1, int(cpus_per_worker))`` threads.
         stage_cpus: what each read/detect/align and paste/write task reserves.
         photos_per_call: photos per model-actor call (their faces are batched together).
@@ -228,7 +229,10 @@ def restore_collection_ray(
     elif address:
         logger.info("Ray is already initialised in this process; --ray-address %s is not used", address)
     try:
-        _check_resources(ray.cluster_resources(), workers, gpus_per_worker, cpus_per_worker, stage_cpus)
+        total = ray.cluster_resources()
+        if gpus_per_worker is None:
+            gpus_per_worker = 1.0 if total.get("GPU", 0.0) > 0 else 0.0
+        _check_resources(total, workers, gpus_per_worker, cpus_per_worker, stage_cpus)
         ctx = ray.data.DataContext.get_current()
         ctx.max_errored_blocks = -1  # a block failing after its retries is dropped; its photos are reported lost
         n = len(jobs)

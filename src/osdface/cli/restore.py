@@ -250,57 +250,82 @@ def run(args) -> int:
     if args.report:
         check_output_files([("--report", args.report)], inputs=files, planned=planned, planned_patterns=patterns,
                            out_dirs=[out_dir, *dirs], overwrite=args.overwrite or resume)
-    report = None
-    if streaming:
-        from ..batch.report import JsonlReport
+    done: set[str] = set()
+    if resume:
+        from ..batch.report import read_rows
 
-        report = JsonlReport(Path(args.report).expanduser(), resume=resume)
-    try:
-        return _run_planned(args, out_dir, dirs, plan, problems, report, resume)
-    finally:
-        if report is not None:
-            report.close()
+        done = {r["input"] for r in read_rows(Path(args.report).expanduser())[0]}
+    return _run_planned(args, out_dir, dirs, plan, problems, streaming, resume, done)
 
 
-def _run_planned(args, out_dir: Path, dirs: list[Path], plan, problems: list[str], report, resume: bool) -> int:
+class _StreamingReport:
+    """The ``--report FILE.jsonl`` of this run, opened at the first row: a set-up error (a refused
+    model) leaves no report file behind."""
+
+    def __init__(self, path: Path, resume: bool) -> None:
+        self.path, self.resume, self.file = path, resume, None
+
+    def write(self, row: dict) -> None:
+        if self.file is None:
+            from ..batch.report import JsonlReport
+
+            self.file = JsonlReport(self.path, resume=self.resume)
+        self.file.write(row)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _run_planned(args, out_dir: Path, dirs: list[Path], plan, problems: list[str], streaming: bool, resume: bool,
+                 done: set[str]) -> int:
     from ..batch.stages import failure_row
     from .restore_photos import build_face_models, face_layer_device, restore_photos, write_report
 
-    done = report.done_inputs() if report is not None else set()
-    jobs, skipped = [], 0
+    jobs, skipped, problem_rows = [], 0, []
     for f, out, problem in plan:
         if resume and str(f) in done:
             skipped += 1
         elif problem is not None:
             problems.append(problem)
-            if report is not None:
-                report.write(failure_row(_job(f, out), problem))
+            problem_rows.append(failure_row(_job(f, out), problem))
         elif args.skip_existing and not resume and out.exists():
             skipped += 1
         else:
             jobs.append((f, out))
     for msg in problems:
         report_error(msg)
-    if not jobs:
-        if skipped:
-            print(f"all {skipped} outputs exist already (--skip-existing)", file=sys.stderr)
-        elif not problems:
-            report_error("no inputs")
-        return 1 if problems else 0
-    summary: list[dict] = []
-    on_row = report.write if report is not None else summary.append
-    lost = 0
-    if args.engine == "ray":
-        failed, lost = _run_ray(args, jobs, on_row)
-    else:
-        # face-layer files first: a refused detector/parser/upsampler file costs no diffusion-model load
-        face_models = None if args.aligned else build_face_models(args, face_layer_device(args))
-        pipe = load_pipeline_from_args(args)
-        clean_output_dirs(out_dir, *dirs)
-        if args.aligned:
-            failed = restore_aligned(pipe, jobs, args, on_row=on_row)
+    report = _StreamingReport(Path(args.report).expanduser(), resume) if streaming else None
+    try:
+        if not jobs:
+            for row in problem_rows if report is not None else []:
+                report.write(row)
+            if skipped:
+                print(f"all {skipped} outputs exist already (--skip-existing)", file=sys.stderr)
+            elif not problems:
+                report_error("no inputs")
+            return 1 if problems else 0
+        summary: list[dict] = []
+        on_row = report.write if report is not None else summary.append
+        lost = 0
+        if args.engine == "ray":
+            for row in problem_rows if report is not None else []:
+                report.write(row)
+            failed, lost = _run_ray(args, jobs, on_row)
         else:
-            failed = restore_photos(pipe, jobs, args, on_row=on_row, face_models=face_models)
+            # face-layer files first: a refused detector/parser/upsampler file costs no diffusion-model load
+            face_models = None if args.aligned else build_face_models(args, face_layer_device(args))
+            pipe = load_pipeline_from_args(args)
+            clean_output_dirs(out_dir, *dirs)
+            for row in problem_rows if report is not None else []:
+                report.write(row)
+            if args.aligned:
+                failed = restore_aligned(pipe, jobs, args, on_row=on_row)
+            else:
+                failed = restore_photos(pipe, jobs, args, on_row=on_row, face_models=face_models)
+    finally:
+        if report is not None:
+            report.close()
     report_failed = False
     if args.report and report is None:
         order = {str(s): i for i, (s, _) in enumerate(jobs)}

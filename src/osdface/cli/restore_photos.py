@@ -55,7 +55,9 @@ def add_face_args(p: argparse.ArgumentParser) -> None:
 def face_layer_device(args) -> str:
     """Where the face-layer models run: the pipeline's device for the torch backend; the CPU for the
     exported runners (their host code is on the CPU). Known before any model is loaded."""
-    if getattr(args, "backend", "torch") != "torch":
+    from .common import resolve_backend
+
+    if resolve_backend(args) != "torch":
         return "cpu"
     from ..pipelines.pipeline_osdface import resolve_device
 
@@ -125,9 +127,9 @@ def model_resolution_from_args(args) -> int:
     Raises:
         CLIError: the model is given as --base-model/--weights (convert it to a folder first).
     """
-    from .common import CLIError
+    from .common import CLIError, resolve_backend
 
-    if getattr(args, "backend", "torch") != "torch":
+    if resolve_backend(args) != "torch":
         from ..runtime.exported import read_manifest
 
         return int(read_manifest(args.model)["resolution"])
