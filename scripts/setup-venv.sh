@@ -27,5 +27,5 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     || .venv/bin/python -m pip install -q torch torchvision >&2
 fi
 echo "setup: installing osdface and its test dependencies" >&2
-.venv/bin/python -m pip install -q -e ".[dev,train,face,eval,onnx,openvino,serve]" >&2
+.venv/bin/python -m pip install -q -e ".[dev,train,face,eval,onnx,openvino,serve,scale]" >&2
 echo "$want" > "$stamp"
