@@ -105,7 +105,7 @@ def build_demo(engine: RestoreEngine):
             with gr.Column(scale=2):
                 slider = gr.ImageSlider(label="Before / after", type="numpy", elem_id="before-after")
                 status = gr.Markdown(elem_id="status")
-                faces = gr.Gallery(label="Restored faces", columns=4, height="auto", elem_id="faces")
+                faces = gr.Gallery(label="Restored faces", columns=6, height=240, object_fit="contain", elem_id="faces")
                 download = gr.File(label="Download", elem_id="download")
         button.click(restore, [inp, mode, upscale, color_fix, only_center, fmt], [slider, faces, download, status],
                      concurrency_limit=cfg.max_queue)
