@@ -41,6 +41,8 @@ sys.path.insert(0, str(HERE))
 
 FACE_ASSET = ROOT / "tests" / "assets" / "face" / "kodim04.jpg"
 ALL_BACKENDS = ("torch", "onnxruntime", "openvino")
+#: OpenVINO on the IR folders of ``osdface export-openvino`` (float weights / --int8-weights); opt-in
+IR_BACKENDS = ("openvino-ir", "openvino-int8")
 STAGES = ("preprocess", "prompt_encoder", "vae_encode", "unet", "x0", "vae_decode", "postprocess")
 
 # The reference: the same math with plain diffusers calls (no osdface pipeline, plan or lean decode).
@@ -88,7 +90,17 @@ def _worker_load(backend: str, args) -> object:
         config = dict(ovr.default_config("float32", "CPU")) if hasattr(ovr, "default_config") else {}
         config["INFERENCE_NUM_THREADS"] = args.threads
         return ovr.OpenVinoPipeline.from_folder(args.onnx_dir, device="CPU", config=config)
+    if backend in IR_BACKENDS:
+        from osdface.runtime import openvino_runner as ovr
+        config = {**ovr.default_config("float32", "CPU"), "INFERENCE_NUM_THREADS": args.threads}
+        return ovr.OpenVinoPipeline.from_folder(model_folder(backend, args), device="CPU", config=config)
     raise ValueError(backend)
+
+
+def model_folder(backend: str, args) -> Path:
+    """The folder a backend runs: the model folder (torch), the ONNX export, or one of its IR conversions."""
+    return {"torch": args.model_dir, "openvino-ir": args.ir_dir, "openvino-int8": args.int8_dir}.get(backend,
+                                                                                                     args.onnx_dir)
 
 
 def _stages_torch(pipe, x, t, timed):
@@ -187,7 +199,8 @@ def worker(args) -> None:
 class Worker:
     def __init__(self, backend: str, args, face_npy: Path):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", backend, "--model-dir", str(args.model_dir),
-               "--onnx-dir", str(args.onnx_dir), "--threads", str(args.threads), "--face", str(face_npy)]
+               "--onnx-dir", str(args.onnx_dir), "--ir-dir", str(args.ir_dir), "--int8-dir", str(args.int8_dir),
+               "--threads", str(args.threads), "--face", str(face_npy)]
         self.backend = backend
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.load = None
@@ -242,6 +255,17 @@ def export_in_child(model_dir: Path, onnx_dir: Path) -> float | None:
     return round(time.perf_counter() - t0, 1)
 
 
+def convert_in_child(onnx_dir: Path, ir_dir: Path, int8: bool) -> dict | None:
+    """``osdface export-openvino`` of ``onnx_dir`` into ``ir_dir`` (a timed child process), unless it is there."""
+    if (ir_dir / "manifest.json").is_file():
+        return None
+    cmd = [sys.executable, "-m", "osdface", "export-openvino", str(onnx_dir), "-o", str(ir_dir)]
+    r = timed_process(cmd + (["--int8-weights"] if int8 else []))
+    if r["exit"]:
+        raise RuntimeError(f"export-openvino failed: {r.get('stderr_tail')}")
+    return r
+
+
 def timed_process(cmd: list[str], env: dict | None = None) -> dict:
     """Wall time, exit status and peak RSS (this child alone, via wait4) of a fresh process."""
     t0 = time.perf_counter()
@@ -290,11 +314,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, default=tmp / "osdface-bench-sd21-random")
     ap.add_argument("--onnx-dir", type=Path, default=tmp / "osdface-bench-sd21-random-onnx")
+    ap.add_argument("--ir-dir", type=Path, default=tmp / "osdface-bench-sd21-random-ir")
+    ap.add_argument("--int8-dir", type=Path, default=tmp / "osdface-bench-sd21-random-int8")
     ap.add_argument("--repeats", type=int, default=3, help="timed faces per backend after the first call")
-    ap.add_argument("--backends", default=",".join(ALL_BACKENDS))
+    ap.add_argument("--backends", default=",".join(ALL_BACKENDS),
+                    help=f"comma-separated, of {', '.join(ALL_BACKENDS + IR_BACKENDS)}")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of every backend")
     ap.add_argument("--cli-repeats", type=int, default=1,
                     help="end-to-end fresh-process runs per command (alternating); 0 skips them")
+    ap.add_argument("--cli-faces", type=int, default=0, metavar="N",
+                    help="also time each backend's CLI on a folder of N crops (0: only the single face)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "backends-cpu.json")
     ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. other load on the machine)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -320,9 +349,13 @@ def main() -> None:
     t0 = time.perf_counter()
     build_random_model_folder(args.model_dir)
     result["model_build_seconds"] = round(time.perf_counter() - t0, 1)
-    if "onnxruntime" in backends or "openvino" in backends:
+    if any(b != "torch" for b in backends):
         result["onnx_export_seconds"] = export_in_child(args.model_dir, args.onnx_dir)  # None: cached
         result["onnx_folder_gb"] = round(sum(f.stat().st_size for f in args.onnx_dir.iterdir()) / 1e9, 3)
+    for b in (b for b in backends if b in IR_BACKENDS):  # the IR conversions (timed, peak RSS), unless cached
+        folder = model_folder(b, args)
+        result[f"{b}_conversion"] = convert_in_child(args.onnx_dir, folder, int8=b == "openvino-int8")
+        result[f"{b}_folder_gb"] = round(sum(f.stat().st_size for f in folder.iterdir()) / 1e9, 3)
     result["model_folder_gb"] = round(sum(f.stat().st_size for f in args.model_dir.rglob("*.safetensors")) / 1e9, 3)
     try:
         import onnxruntime
@@ -387,7 +420,16 @@ def main() -> None:
                                            "--model", str(args.model_dir)]
             else:
                 jobs[f"cli_{b}"] = cli + ["restore", str(face_png), "-o", str(work / f"cli_{b}"), "--aligned",
-                                          "--model", str(args.onnx_dir), "--backend", b]
+                                          "--model", str(model_folder(b, args)), "--backend", b.split("-")[0]]
+        if args.cli_faces > 0:  # a folder of N copies of the face: the load is shared by N restorations
+            folder = work / "faces"
+            folder.mkdir(exist_ok=True)
+            for k in range(args.cli_faces):
+                shutil.copy(face_png, folder / f"face{k}.png")
+            for name in [n for n in jobs if n.startswith("cli_")]:
+                jobs[f"{name}_{args.cli_faces}faces"] = [str(folder) if c == str(face_png) else
+                                                         str(work / f"{name}_{args.cli_faces}faces") if
+                                                         c == str(work / name) else c for c in jobs[name]]
         (work / "plain_diffusers.py").write_text(PLAIN_SCRIPT)
         jobs["plain_diffusers"] = [sys.executable, str(work / "plain_diffusers.py"), str(args.model_dir),
                                    str(face_png), str(work / "plain_diffusers.png")]
@@ -400,7 +442,8 @@ def main() -> None:
             if r["exit"] == 2 and "invalid choice" in r.get("stderr_tail", ""):
                 r["not_run"] = "the CLI has no such --backend yet"
             r["command"] = " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))
-            png = work / "plain_diffusers.png" if name == "plain_diffusers" else work / name / "face.png"
+            png = work / "plain_diffusers.png" if name == "plain_diffusers" else \
+                work / name / ("face0.png" if name.endswith("faces") else "face.png")
             if png.is_file() and "torch" in outputs:
                 r["output_diff_vs_torch_worker_levels"] = diff_levels(np.asarray(Image.open(png).convert("RGB")),
                                                                       outputs["torch"])
@@ -417,6 +460,13 @@ def main() -> None:
                 d["speedup_vs_plain_diffusers_per_round"] = [
                     round(p["wall_seconds"] / r["wall_seconds"], 3) if r["exit"] == 0 and p["exit"] == 0 else None
                     for r, p in zip(d["runs"], e2e["plain_diffusers"]["runs"], strict=True)]
+        for name, d in e2e.items():  # the issue's target: each exported runtime's CLI against the torch CLI
+            parts = name.split("_", 2)  # cli, backend[, Nfaces]
+            ref = e2e.get("_".join(["cli", "torch", *parts[2:]]))
+            if parts[0] == "cli" and ref is not None and ref is not d:
+                d["speedup_vs_cli_torch_per_round"] = [
+                    round(t["wall_seconds"] / r["wall_seconds"], 3) if r["exit"] == 0 and t["exit"] == 0 else None
+                    for r, t in zip(d["runs"], ref["runs"], strict=True)]
         result["end_to_end"] = e2e
 
     result["loadavg_after"] = loadavg()
