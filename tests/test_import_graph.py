@@ -29,6 +29,9 @@ FORBIDDEN = {
     "osdface.data": ("osdface.evaluation", "osdface.training", "osdface.cli"),
     "osdface.evaluation": ("osdface.training", "osdface.cli"),
     "osdface.training": ("osdface.cli",),
+    # a program beside training/evaluation; the CLI imports it, not the other way round (tests/serve checks
+    # that nothing below the programs imports it)
+    "osdface.serve": ("osdface.cli", "osdface.training", "osdface.evaluation", "osdface.export"),
 }
 
 

@@ -249,7 +249,7 @@ def _truncated_jpeg(sample_rgb):
 @pytest.mark.parametrize("case", ["empty", "garbage", "truncated", "not-square-aligned", "unknown-option",
                                   "bad-value", "nan-upscale", "upscale-too-large", "twice", "twice-query-and-form",
                                   "no-image-field", "other-file-field", "two-files", "upscale-aligned",
-                                  "broken-multipart", "bad-content-length"])
+                                  "tiny-aligned", "broken-multipart", "bad-content-length"])
 def test_malformed_requests_get_400(client, server, sample_rgb, case):
     png = encode(sample_rgb, "PNG")
     post = client.post
@@ -281,6 +281,8 @@ def test_malformed_requests_get_400(client, server, sample_rgb, case):
         resp = post("/v1/restore", files=[("image", ("a.png", png)), ("image", ("b.png", png))])
     elif case == "upscale-aligned":
         resp = post("/v1/restore?aligned=true&upscale=2", content=png)
+    elif case == "tiny-aligned":
+        resp = post("/v1/restore?aligned=true", content=encode(np.zeros((8, 8, 3), np.uint8), "PNG"))
     elif case == "broken-multipart":
         resp = post("/v1/restore", content=b"--xyz\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc",
                     headers={"Content-Type": "multipart/form-data; boundary=xyz"})

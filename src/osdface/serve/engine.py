@@ -36,6 +36,9 @@ from .metrics import ServeMetrics
 
 logger = get_logger(__name__)
 
+#: smallest aligned crop accepted (a colour fix needs some pixels; FFHQ crops are 512)
+MIN_ALIGNED_SIDE = 16
+
 
 @dataclass
 class RestoreOutcome:
@@ -208,6 +211,8 @@ class RestoreEngine:
         if options.aligned:
             if h != w:
                 raise RequestError(400, f"aligned=true needs a square face crop, got {w}x{h}")
+            if h < MIN_ALIGNED_SIDE:
+                raise RequestError(400, f"aligned crop of {w}x{h} is too small (at least {MIN_ALIGNED_SIDE} px a side)")
             return PreparedPhoto(rgb=loaded.rgb, alpha=loaded.alpha), None
         oh, ow = math.ceil(h * options.upscale), math.ceil(w * options.upscale)
         if oh * ow > self.config.max_output_pixels:
