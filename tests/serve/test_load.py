@@ -24,11 +24,12 @@ def _png(rgb) -> bytes:
     return buf.getvalue()
 
 
-def test_64_clients_x_4_requests(tiny_model_dir):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_64_clients_x_4_requests(tiny_model_dir, replicas):
     from osdface.testing import synthetic_faces
 
     engine = load_test_engine(tiny_model_dir, api_key=API_KEY, max_batch=8, batch_wait_ms=20, max_queue=24,
-                              cpu_workers=2, replicas=1)
+                              cpu_workers=2, replicas=replicas)
     live = start_server(engine)
     photo = SAMPLE.read_bytes()
     crop = _png(synthetic_faces(1, seed=5)[0])

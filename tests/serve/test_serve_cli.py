@@ -107,3 +107,75 @@ def test_serve_layer():
     cli_users = sorted(a for a, bs in graph.items() if a.startswith("osdface.cli") and
                        any(b.startswith("osdface.serve") for b in bs))
     assert cli_users == ["osdface.cli.demo", "osdface.cli.serve"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(url: str, proc: subprocess.Popen) -> None:
+    import time
+
+    import httpx
+
+    for _ in range(1200):  # bounded: ~2 min on a loaded machine; not a timing assertion
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never answered 200")
+
+
+@pytest.mark.slow
+def test_serve_command_end_to_end(tiny_model_dir):
+    """``osdface serve`` as users run it: a process on 127.0.0.1, one restore, a clean stop on SIGINT."""
+    import os
+    import signal
+
+    import httpx
+    from _serve_helpers import SAMPLE
+
+    port = _free_port()
+    env = {**os.environ, "OSDFACE_API_KEY": "cli-test-key-42"}
+    proc = subprocess.Popen([sys.executable, "-m", "osdface", "serve", "--model", str(tiny_model_dir), "--device",
+                             "cpu", "--port", str(port), "--max-batch", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_for(f"{url}/readyz", proc)
+        resp = httpx.post(f"{url}/v1/restore", content=SAMPLE.read_bytes(), headers={"X-API-Key": "cli-test-key-42"},
+                          timeout=120)
+        assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+        assert httpx.post(f"{url}/v1/restore", content=b"x").status_code == 401
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "Uvicorn running on http://127.0.0.1:" in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_demo_command_serves_the_page(tiny_model_dir):
+    import signal
+
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "osdface", "demo", "--model", str(tiny_model_dir), "--device", "cpu",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/", proc)
+        page = httpx.get(f"http://127.0.0.1:{port}/").text
+        assert "osdface demo" in page
+        assert "fonts.googleapis" not in page and "cdn." not in page
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert "Traceback" not in out, out
