@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidSettingError
+from ..errors import InvalidSettingError, WeightsNotFoundError
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -209,11 +209,37 @@ class ModelUpsampler:
         return out
 
 
+#: Real-ESRGAN files ``--bg-upsampler realesrgan`` looks for in ``$OSDFACE_HOME/face/``, in order
+REALESRGAN_FILES = ("RealESRGAN_x2plus.pth", "RealESRGAN_x4plus.pth")
+
+
+def find_realesrgan_model() -> Path:
+    """The first of :data:`REALESRGAN_FILES` in ``$OSDFACE_HOME/face/`` (as the detector and parser files).
+
+    Raises:
+        WeightsNotFoundError: none there; the message names the files, the folder and the source.
+    """
+    from .detection import face_weights_dir
+
+    for name in REALESRGAN_FILES:
+        path = face_weights_dir() / name
+        if path.is_file():
+            return path
+    raise WeightsNotFoundError(
+        f"--bg-upsampler realesrgan: none of {', '.join(REALESRGAN_FILES)} in {face_weights_dir()}/. "
+        "Put RealESRGAN_x2plus.pth (67 MB) from the Real-ESRGAN v0.2.1 release "
+        "(https://github.com/xinntao/Real-ESRGAN/releases) there, give the .pth path instead, or use lanczos."
+    )
+
+
 def create_bg_upsampler(spec: str | None = "lanczos", device: str | None = None, tile: int = 400):
-    """``spec``: an interpolation name (:data:`INTERPOLATIONS`) or a path to an RRDBNet ``.pth``."""
+    """``spec``: an interpolation name (:data:`INTERPOLATIONS`), ``"realesrgan"`` (the file in
+    ``$OSDFACE_HOME/face/``, :func:`find_realesrgan_model`) or a path to an RRDBNet ``.pth``."""
     if spec is None or spec in INTERPOLATIONS:
         return ResizeUpsampler(spec or "lanczos")
+    if spec == "realesrgan":
+        return ModelUpsampler.from_file(find_realesrgan_model(), device=device, tile=tile)
     if spec.endswith((".pth", ".pt", ".safetensors")) or os.sep in spec or Path(spec).expanduser().exists():
         return ModelUpsampler.from_file(spec, device=device, tile=tile)
-    raise InvalidSettingError(f"unknown background upsampler {spec!r}; choose from {list(INTERPOLATIONS)} "
-                              "or give a .pth file")
+    raise InvalidSettingError(f"unknown background upsampler {spec!r}; choose from {list(INTERPOLATIONS)}, "
+                              "realesrgan, or give a .pth file")

@@ -107,6 +107,20 @@ class FaceRestorer:
         seed: seed of the generator for ``latent="sample"``.
         mask_erode / mask_feather: paste-mask shape (fractions of the crop side).
         border: how alignment fills crop pixels outside the photo (``constant`` grey, ``reflect``...).
+        fidelity: W in [0, 1], the fidelity ↔ quality knob (docs/fidelity.md): 0 (default) = the
+            model's output, bit for bit; 1 = the input face.
+        timestep / latent_strength: the pipeline's advanced pair (:meth:`OSDFacePipeline.__call__`);
+            ``None`` / 1.0 = the official values.
+        identity: per-face identity check between each LQ crop and its restored crop: ``None``
+            (off, unless ``min_identity`` is set), ``"sface"`` or an
+            :class:`~osdface.face.identity.IdentityScorer`. Fills ``FaceCrop.identity``.
+        min_identity: flag faces whose similarity is below this (``FaceCrop.identity_flagged``);
+            turns the check on.
+        keep_original_below: paste the LQ face instead of the restored one for flagged faces.
+        paste_face_size: side at which the restored faces are pasted (≥ ``face_size``, e.g. 1024):
+            each restored crop is upsampled with ``bg_upsampler`` before paste-back, so large
+            portraits do not get a soft 512 face. ``None`` = ``face_size``. Pixels outside the
+            faces are untouched either way.
     """
 
     def __init__(self, pipeline, detector: str | FaceDetector | None = "yunet", upscale: float = 1,
@@ -114,7 +128,10 @@ class FaceRestorer:
                  bg_upsampler: str | Callable | None = "lanczos", parser=None, max_faces: int | None = None,
                  min_face_size: float = 0.0, only_center_face: bool = False, batch_size: int = 4,
                  latent: str = "mode", seed: int | None = None, mask_erode: float = 0.04,
-                 mask_feather: float = 0.10, border: str = "constant") -> None:
+                 mask_feather: float = 0.10, border: str = "constant", fidelity: float = 0.0,
+                 timestep: int | None = None, latent_strength: float = 1.0, identity=None,
+                 min_identity: float | None = None, keep_original_below: bool = False,
+                 paste_face_size: int | None = None) -> None:
         if upscale < 1:
             raise InvalidSettingError(f"upscale must be >= 1, got {upscale}")
         if batch_size < 1:
@@ -139,6 +156,50 @@ class FaceRestorer:
         self.latent, self.seed = latent, seed
         self.border = border
         self._base_mask = soft_mask(self.face_size, mask_erode, mask_feather)
+        self._pipe_kwargs = self._model_settings(fidelity, timestep, latent_strength)
+        self.fidelity = float(fidelity)
+        if min_identity is not None and not -1.0 <= float(min_identity) <= 1.0:
+            raise InvalidSettingError(f"min_identity must be a cosine similarity in [-1, 1], got {min_identity}")
+        self.min_identity = None if min_identity is None else float(min_identity)
+        self.keep_original_below = bool(keep_original_below)
+        if keep_original_below and min_identity is None:
+            raise InvalidSettingError("keep_original_below needs min_identity (--min-identity S)")
+        if identity is None and min_identity is not None:
+            identity = "sface"
+        if isinstance(identity, str):
+            if identity != "sface":
+                raise InvalidSettingError(f"unknown identity recogniser {identity!r}; choose sface")
+            from .identity import IdentityScorer
+
+            identity = IdentityScorer()
+        self.identity = identity
+        self.paste_face_size = int(paste_face_size) if paste_face_size else self.face_size
+        if self.paste_face_size < self.face_size:
+            raise InvalidSettingError(f"paste_face_size {paste_face_size} is below the face size {self.face_size}")
+        self._paste_mask = (self._base_mask if self.paste_face_size == self.face_size
+                            else soft_mask(self.paste_face_size, mask_erode, mask_feather))
+
+    def _model_settings(self, fidelity: float, timestep: int | None, latent_strength: float) -> dict:
+        """The pipeline keywords for the fidelity knob and the advanced pair (only non-defaults, so
+        pipelines without them, e.g. exported runners, work at the defaults)."""
+        from ..pipelines.pipeline_osdface import check_fidelity, check_latent_strength
+
+        kw: dict = {}
+        if check_fidelity(fidelity) != 0.0:
+            kw["fidelity"] = float(fidelity)
+        if timestep is not None:
+            kw["timestep"] = timestep
+        if check_latent_strength(latent_strength) != 1.0:
+            kw["latent_strength"] = float(latent_strength)
+        if kw:
+            import inspect
+
+            params = inspect.signature(self.pipeline.__call__).parameters
+            missing = [k for k in kw if k not in params]
+            if missing:
+                raise InvalidSettingError(f"{', '.join(missing)}: not supported by {type(self.pipeline).__name__} "
+                                          "(use the PyTorch pipeline, --backend torch)")
+        return kw
 
     # ------------------------------------------------------------------ stage 1: detect + align
     def detect(self, rgb: np.ndarray) -> list[Detection]:
@@ -176,7 +237,8 @@ class FaceRestorer:
             gen = None
             if self.latent == "sample":
                 gen = torch.Generator(device=self.pipeline.device).manual_seed(int(self.seed or 0) + i)
-            pred = self.pipeline(lq, output_type="pt", latent=self.latent, generator=gen).images.float()
+            pred = self.pipeline(lq, output_type="pt", latent=self.latent, generator=gen,
+                                 **self._pipe_kwargs).images.float()
             if pred.shape[-1] != lq.shape[-1]:
                 pred = F.interpolate(pred, size=lq.shape[-2:], mode="bicubic", align_corners=False,
                                      antialias=pred.shape[-1] > lq.shape[-1]).clamp(0, 1)
@@ -195,6 +257,8 @@ class FaceRestorer:
                 f.restored = np.asarray(r, dtype=np.uint8)
         h, w = prepared.rgb.shape[:2]
         result = RestoreResult(image=None, faces=faces, upscale=self.upscale, input_size=(h, w))
+        if faces and self.identity is not None:
+            self.check_identity(faces)
         if faces and self.parser is not None:
             parse = self.parser(np.stack([f.restored for f in faces]))
             for f, pm in zip(faces, parse):
@@ -213,10 +277,44 @@ class FaceRestorer:
         if not faces:
             result.image = bg.copy() if bg is prepared.rgb else bg
             return result
-        result.image = paste_faces(bg, [f.restored for f in faces], [f.inverse_affine for f in faces],
-                                   [f.mask for f in faces], upscale=ow / w if self.upscale != 1 else 1.0,
+        crops, invs, masks = [f.restored for f in faces], [f.inverse_affine for f in faces], [f.mask for f in faces]
+        if self.paste_face_size != self.face_size:
+            crops, invs, masks = self._upsample_faces(crops, invs, masks)
+        result.image = paste_faces(bg, crops, invs, masks, upscale=ow / w if self.upscale != 1 else 1.0,
                                    areas=[f.detection.area for f in faces])
         return result
+
+    def check_identity(self, faces: list[FaceCrop]) -> None:
+        """Fill ``identity`` (and ``identity_flagged`` / ``kept_original``) of restored faces."""
+        sims = self.identity(np.stack([f.lq for f in faces]), np.stack([f.restored for f in faces]))
+        for f, sim in zip(faces, sims):
+            f.identity = float(sim)
+            f.identity_flagged = self.min_identity is not None and f.identity < self.min_identity
+            if f.identity_flagged:
+                logger.warning("face at %s: identity similarity %.3f below --min-identity %.3f%s",
+                               [round(float(v)) for v in f.detection.box], f.identity, self.min_identity,
+                               "; keeping the original face" if self.keep_original_below else "")
+                if self.keep_original_below:
+                    f.restored, f.kept_original = f.lq.copy(), True
+
+    def _upsample_faces(self, crops, invs, masks):
+        """Restored crops upsampled to ``paste_face_size`` with the background upsampler, their
+        inverse affines composed with the pixel-centre scaling, and their masks resized (a parsing
+        mask) or rebuilt at the larger size (the soft mask: the same shape, so the same footprint)."""
+        k = self.paste_face_size / self.face_size
+        r = 1.0 / k  # big-crop pixel x → small-crop pixel r·x + (r − 1)/2 (pixel centres, as cv2.resize)
+        to_small = np.array([[r, 0.0, 0.5 * r - 0.5], [0.0, r, 0.5 * r - 0.5], [0.0, 0.0, 1.0]])
+        out_c, out_i, out_m = [], [], []
+        for crop, inv, mask in zip(crops, invs, masks):
+            big = self.bg_upsampler(np.ascontiguousarray(crop), k)
+            if big.shape[:2] != (self.paste_face_size,) * 2:
+                raise RuntimeError(f"background upsampler returned {big.shape[:2]} for a face, "
+                                   f"expected {(self.paste_face_size,) * 2}")
+            out_c.append(big)
+            out_i.append(np.asarray(inv, np.float64) @ to_small)
+            out_m.append(self._paste_mask if mask is self._base_mask else
+                         cv2.resize(mask, (self.paste_face_size,) * 2, interpolation=cv2.INTER_LINEAR))
+        return out_c, out_i, out_m
 
     def _resize_alpha(self, alpha: np.ndarray) -> np.ndarray:
         if self.upscale == 1:

@@ -68,6 +68,11 @@ class FaceCrop:
         restored: ``(S, S, 3)`` uint8 RGB restored crop (after the colour fix), or ``None`` before
             restoration.
         mask: ``(S, S)`` float32 paste mask in crop space (1 = restored face), or ``None``.
+        identity: cosine identity similarity between ``lq`` and ``restored`` (SFace,
+            :mod:`osdface.face.identity`), or ``None`` when the check is off.
+        identity_flagged: the similarity is below the restorer's ``min_identity``.
+        kept_original: a flagged face whose ``restored`` crop was replaced by ``lq``
+            (``keep_original_below``).
     """
 
     detection: Detection
@@ -76,6 +81,9 @@ class FaceCrop:
     lq: np.ndarray
     restored: np.ndarray | None = None
     mask: np.ndarray | None = None
+    identity: float | None = None
+    identity_flagged: bool = False
+    kept_original: bool = False
 
 
 @dataclass

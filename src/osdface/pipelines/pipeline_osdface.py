@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..constants import TIMESTEP
-from ..errors import DeviceError, NonFiniteOutputError
+from ..errors import DeviceError, InvalidSettingError, NonFiniteOutputError
 from ..image import ImageError, from_model_range, to_model_range, to_pil, to_tensor, to_uint8
 from ..io.model_folders import (
     apply_lora,
@@ -83,6 +83,42 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise DeviceError("device 'mps' requested but MPS is not available on this machine")
     return device
+
+
+def check_fidelity(fidelity: float) -> float:
+    """``fidelity`` as a float in [0, 1] (:class:`InvalidSettingError` otherwise)."""
+    try:
+        w = float(fidelity)
+    except (TypeError, ValueError):
+        raise InvalidSettingError(f"fidelity must be a number in [0, 1], got {fidelity!r}") from None
+    if not 0.0 <= w <= 1.0:  # also refuses NaN
+        raise InvalidSettingError(f"fidelity must be in [0, 1] (0 = the model's output, 1 = the input), got {fidelity!r}")
+    return w
+
+
+def check_latent_strength(strength: float) -> float:
+    """``latent_strength`` as a finite float ≥ 0 (:class:`InvalidSettingError` otherwise)."""
+    try:
+        s = float(strength)
+    except (TypeError, ValueError):
+        raise InvalidSettingError(f"latent_strength must be a number >= 0, got {strength!r}") from None
+    if not 0.0 <= s < float("inf"):
+        raise InvalidSettingError(f"latent_strength must be a finite number >= 0, got {strength!r}")
+    return s
+
+
+def blend_fidelity(restored: torch.Tensor, lq: torch.Tensor, fidelity: float) -> torch.Tensor:
+    """The fidelity knob (docs/fidelity.md): ``(1 − W)·restored + W·lq``, both ``(B, 3, R, R)`` in [0, 1].
+
+    ``W = 0`` returns ``restored`` itself (the official output, bit for bit); ``W = 1`` the LQ
+    input at the model resolution. The distance to the LQ shrinks as ``(1 − W)``, so the PSNR to
+    the LQ rises monotonically with W for any weights (a latent interpolation toward z_L does not
+    guarantee that: the VAE reconstruction D(E(x)) is not x).
+    """
+    if fidelity == 0.0:
+        return restored
+    lq = lq.to(restored.device, restored.dtype)
+    return torch.lerp(restored, lq, float(fidelity)).clamp(0.0, 1.0)
 
 
 def _convert_output(out: torch.Tensor, output_type: OutputType, rounding: Literal["round", "truncate"]) -> Any:
@@ -296,17 +332,39 @@ class OSDFacePipeline:
             zs.append(dist.mode() if latent == "mode" else dist.sample(generator=generator))
         return torch.cat(zs) * self.vae.config.scaling_factor
 
-    def predict_x0(self, z_lq: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """ẑ_H = (z_L − √(1−ᾱ)·ε̂)/√ᾱ in float64, returned as float32 (step 6).
+    def predict_x0(self, z_lq: torch.Tensor, eps: torch.Tensor, timestep: int | None = None,
+                   latent_strength: float = 1.0) -> torch.Tensor:
+        """ẑ_H = (z_L − √(1−ᾱ_t)·ε̂)/√ᾱ_t in float64, returned as float32 (step 6).
 
-        Devices without float64 (MPS) do this on the CPU; the tensors are tiny.
+        ``timestep`` (default: the pipeline's) selects ᾱ_t. ``latent_strength`` s moves the result
+        along the model's own update, ẑ = z_L + s·(ẑ_H − z_L) (float64): 1 (default, the official
+        output: the line is skipped), 0 = the LQ latent, between = part of the update
+        (docs/fidelity.md). Devices without float64 (MPS) do this on the CPU; the tensors are tiny.
         """
         dev = z_lq.device
         calc = torch.device("cpu") if dev.type == "mps" else dev
-        alpha = self.alpha_cumprod.to(calc)
+        alpha = self._alpha_at(timestep).to(calc)
         beta = 1 - alpha
-        x0 = (z_lq.to(calc).double() - beta**0.5 * eps.to(calc).double()) / alpha**0.5
+        z = z_lq.to(calc).double()
+        x0 = (z - beta**0.5 * eps.to(calc).double()) / alpha**0.5
+        if latent_strength != 1.0:
+            x0 = z + float(latent_strength) * (x0 - z)
         return x0.float().to(dev)
+
+    def _alpha_at(self, timestep: int | None) -> torch.Tensor:
+        """ᾱ_t (float64) at ``timestep`` (``None``: the pipeline's); checks the range."""
+        if timestep is None:
+            return self.alpha_cumprod
+        return torch.as_tensor(self.scheduler.alphas_cumprod)[self._check_timestep(timestep)].double()
+
+    def _check_timestep(self, timestep: int | None) -> int:
+        """``timestep`` (``None``: the pipeline's) as an int inside the scheduler's range."""
+        if timestep is None:
+            return self.timestep
+        n_alpha = len(self.scheduler.alphas_cumprod)
+        if isinstance(timestep, bool) or int(timestep) != timestep or not 0 <= int(timestep) < n_alpha:
+            raise InvalidSettingError(f"timestep must be an integer in [0, {n_alpha}), got {timestep!r}")
+        return int(timestep)
 
     def decode(self, x0: torch.Tensor, check_finite: bool = False) -> torch.Tensor:
         """Latent → image in [0, 1] (step 7); ``check_finite`` checks the decoder output before
@@ -336,7 +394,8 @@ class OSDFacePipeline:
 
     def restore_tensor(self, lq: torch.Tensor, latent: LatentMode = "mode",
                        generator: torch.Generator | None = None, return_indices: bool = False,
-                       check_finite: bool = False):
+                       check_finite: bool = False, fidelity: float = 0.0, timestep: int | None = None,
+                       latent_strength: float = 1.0):
         """Steps 3–7 (docs/method.md §2) on a model-space batch; differentiable (no ``no_grad`` here;
         training reuses it).
 
@@ -349,47 +408,76 @@ class OSDFacePipeline:
             lq: ``(B, 3, R, R)`` in [-1, 1].
             check_finite: raise :class:`NonFiniteOutputError` when the predicted latent ẑ or the
                 decoder output holds NaN/Inf (two reductions; :meth:`__call__` turns it on).
+            fidelity: W in [0, 1]; the output is ``(1 − W)·restored + W·lq`` in [0, 1]
+                (:func:`blend_fidelity`, docs/fidelity.md). 0 (default) = the official output.
+            timestep: UNet timestep of the one step (advanced; default: :attr:`timestep`, 399).
+            latent_strength: s in ẑ = z_L + s·(ẑ_H − z_L) (advanced; default 1 = the official ẑ_H;
+                :meth:`predict_x0`).
 
         Returns:
             ``(B, 3, R, R)`` float in [0, 1] (and the prompt indices when asked).
         """
+        fidelity = check_fidelity(fidelity)
+        latent_strength = check_latent_strength(latent_strength)
+        t = self._check_timestep(timestep)
         # 3–4. LQ latent z_L (VAE posterior mode, or a sample) and the visual prompt (VRE → adapter)
         z, prompt, idx = self._encode(lq, latent, generator)
         # 5. one UNet step at t, no noise added: ε̂ = UNet(z_L, t, prompt)
-        eps = self.unet(z, self.timestep, encoder_hidden_states=prompt.to(z.dtype)).sample
-        # 6. x0 in closed form, float64: ẑ_H = (z_L − √(1−ᾱ_t)·ε̂) / √ᾱ_t
-        x0 = self.predict_x0(z, eps)
+        eps = self.unet(z, t, encoder_hidden_states=prompt.to(z.dtype)).sample
+        # 6. x0 in closed form, float64: ẑ_H = (z_L − √(1−ᾱ_t)·ε̂) / √ᾱ_t (then z_L + s·(ẑ_H − z_L))
+        x0 = self.predict_x0(z, eps, timestep, latent_strength)
         if check_finite:
             self.check_finite(x0, "predicted latent (VAE encoder, prompt or UNet)")
         # 7. decode ẑ_H / scaling_factor, clamp to [-1, 1], map to [0, 1]
         out = self._decode(x0, check_finite)
+        # 8. fidelity: blend toward the LQ input (skipped at W = 0: the official output bit for bit)
+        out = blend_fidelity(out, from_model_range(lq), fidelity)
         return (out, idx) if return_indices else out
 
     @torch.inference_mode()
-    def __call__(self, images, output_type: OutputType = "pt", latent: LatentMode = "mode",
+    def __call__(self, image=None, output_type: OutputType = "pt", latent: LatentMode = "mode",
                  generator: torch.Generator | None = None, rounding: Literal["round", "truncate"] = "round",
-                 return_dict: bool = True):
+                 return_dict: bool = True, fidelity: float = 0.0, timestep: int | None = None,
+                 latent_strength: float = 1.0, images=None):
         """Restore aligned RGB face crops.
 
+        Called as a diffusers pipeline: ``pipe(image=crops)``; ``return_dict=False`` gives a tuple
+        ``(images,)``.
+
         Args:
-            images: a ``(B, 3, H, W)`` float tensor in [0, 1], a PIL image, a uint8 ``(H, W, 3)``
+            image: a ``(B, 3, H, W)`` float tensor in [0, 1], a PIL image, a uint8 ``(H, W, 3)``
                 array, or a list of those; square, any size (resized to ``resolution``).
+                ``images=`` is accepted as the old name.
             output_type: ``"pt"`` (float tensor in [0, 1], on the pipeline device), ``"np"``
                 (uint8 ``(B, H, W, 3)``) or ``"pil"``.
             latent: ``"mode"`` (deterministic) or ``"sample"`` (official behaviour; use ``generator``).
             generator: RNG for ``latent="sample"``.
             rounding: float → uint8 for ``"np"``/``"pil"``: ``"round"`` or ``"truncate"`` (official).
+            return_dict: ``True``: an :class:`OSDFacePipelineOutput`; ``False``: the tuple ``(images,)``.
+            fidelity: W in [0, 1]: 0 (default) the model's output, bit for bit; 1 the input
+                (docs/fidelity.md).
+            timestep: the UNet timestep (advanced; default 399, the one the model was trained at).
+            latent_strength: how much of the model's latent update to apply (advanced; default 1).
 
         Raises:
             ImageError: inputs that are not RGB images in [0, 1] or not square.
+            InvalidSettingError: ``fidelity``, ``timestep`` or ``latent_strength`` out of range,
+                or both ``image`` and ``images`` given.
             NonFiniteOutputError: the model produced NaN/Inf (broken weights); names :attr:`source`.
         """
-        lq = self.preprocess(images)  # 1–2
+        if images is not None:
+            if image is not None:
+                raise InvalidSettingError("pass the crops as image= (or the old images=), not both")
+            image = images
+        if image is None:
+            raise InvalidSettingError("no input: pass the aligned face crops as image=")
+        lq = self.preprocess(image)  # 1–2
         out, idx = self.restore_tensor(lq, latent=latent, generator=generator, return_indices=True,
-                                       check_finite=True)  # 3–7
+                                       check_finite=True, fidelity=fidelity, timestep=timestep,
+                                       latent_strength=latent_strength)  # 3–8
         result = _convert_output(out.float(), output_type, rounding)
         if not return_dict:
-            return result
+            return (result,)
         return OSDFacePipelineOutput(images=result, prompt_indices=idx)
 
     # ------------------------------------------------------------------------------- loading
