@@ -99,16 +99,17 @@ class GuardMiddleware:
 
     async def _guarded(self, scope, receive, send, path):
         if self._key is not None and path not in OPEN_ROUTES and not self._authorized(scope):
-            self.engine.metrics.errors.labels("unauthorized").inc()
+            self.engine.metrics.refused(401)
             return await _send_error(send, 401, "missing or wrong API key (send 'Authorization: Bearer KEY' "
                                                 "or 'X-API-Key: KEY')", {"WWW-Authenticate": "Bearer"})
         limit = self.config.max_upload_bytes
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None:
             if not length.isdigit():
+                self.engine.metrics.refused(400)
                 return await _send_error(send, 400, "malformed Content-Length header")
             if int(length) > limit:
-                self.engine.metrics.errors.labels("too_large").inc()
+                self.engine.metrics.refused(413)
                 return await _send_error(send, 413, f"request body of {int(length)} bytes is above the limit "
                                                     f"of {limit} bytes")
         seen = 0
@@ -132,7 +133,7 @@ class GuardMiddleware:
         try:
             await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
-            self.engine.metrics.errors.labels("too_large").inc()
+            self.engine.metrics.refused(413)
             if not started["yes"]:
                 await _send_error(send, 413, f"request body is above the limit of {limit} bytes")
 
@@ -159,17 +160,19 @@ def create_app(engine: RestoreEngine):
 
     @app.exception_handler(RequestError)
     async def _request_error(request, exc: RequestError):
+        engine.metrics.refused(exc.status)
         return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, exc: HTTPException):
+        engine.metrics.refused(exc.status_code)
         return JSONResponse({"detail": " ".join(str(exc.detail).split())}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc: Exception):
         logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        engine.metrics.errors.labels("internal").inc()
+        engine.metrics.refused(500)
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"},
                             status_code=500)
 

@@ -152,7 +152,6 @@ class RestoreEngine:
             raise RequestError(503, "the service is shutting down", {"Retry-After": str(self.config.retry_after_s)})
         await self.start()
         if self._in_flight >= self.config.max_queue:
-            self.metrics.errors.labels("overloaded").inc()
             raise RequestError(503, f"the service is busy ({self._in_flight} requests in progress); retry later",
                                {"Retry-After": str(self.config.retry_after_s)})
         self._in_flight += 1
@@ -161,11 +160,7 @@ class RestoreEngine:
         try:
             out = await asyncio.wait_for(self._run(image, options), self.config.request_timeout_s)
         except asyncio.TimeoutError:
-            self.metrics.errors.labels("timeout").inc()
             raise RequestError(504, f"the request took longer than {self.config.request_timeout_s:g} s") from None
-        except RequestError as e:
-            self.metrics.errors.labels(_reason(e.status)).inc()
-            raise
         finally:
             self._in_flight -= 1
             self.metrics.in_flight.dec()
@@ -257,8 +252,3 @@ class RestoreEngine:
             for i, r in zip(idx, restored):
                 out[i] = r
         return out
-
-
-def _reason(status: int) -> str:
-    return {400: "bad_request", 401: "unauthorized", 413: "too_large", 415: "unsupported_format",
-            503: "overloaded", 504: "timeout"}.get(status, "other")

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+#: ``osdface_request_errors_total`` reason of each refusal status
+REASONS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+           415: "unsupported_format", 503: "overloaded", 504: "timeout", 500: "internal"}
+
 
 class ServeMetrics:
     """The service's counters, histograms and gauges (``prometheus_client``).
@@ -37,6 +41,10 @@ class ServeMetrics:
         self.in_flight = Gauge("osdface_requests_in_flight", "restore requests admitted and not yet answered",
                                registry=r)
         self.replicas_busy = Gauge("osdface_replicas_busy", "model replicas running a batch now", registry=r)
+
+    def refused(self, status: int) -> None:
+        """Count one refused or failed request under its reason (:data:`REASONS`)."""
+        self.errors.labels(REASONS.get(status, "other")).inc()
 
     def watch(self, queue_faces: Callable[[], float], replicas_busy: Callable[[], float]) -> None:
         """Read the queue length and busy replicas at scrape time."""
