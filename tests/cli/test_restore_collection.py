@@ -1,0 +1,270 @@
+"""Whole collections through ``osdface restore`` (issue 15): a nested tree of 38 photos with duplicate
+names in different folders, one truncated file and one photo without faces.
+
+The single-process run is the reference; two shards, the Ray engine (2 workers on a local Ray) and a
+run killed part-way then resumed with ``--skip-existing`` must give the same files, byte for byte,
+and the same report rows (each photo exactly once). Every model run here uses one torch thread:
+a CPU kernel's summation order, and so the last bit of a result, can change with the thread count,
+and a Ray worker with one CPU runs one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from osdface.cli import main
+
+FOLDERS = ["", "2019", "2019/summer", "2019/winter", "2020", "2020/a/b"]
+N_PHOTOS = 6 * len(FOLDERS) + 2  # + the truncated file + the photo without faces
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, official_layout, tiny_vre_config):
+    from osdface.pipelines import OSDFacePipeline
+
+    d = tmp_path_factory.mktemp("tiny_model") / "model"
+    OSDFacePipeline.from_official(*official_layout, vre_config=tiny_vre_config).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """``IMG_000k.{jpg,png}`` in six folders (same names everywhere), astronaut faces at several sizes."""
+    import cv2
+    from skimage import data
+
+    face = np.ascontiguousarray(data.astronaut()[0:320, 60:380])
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("archive") / "tree"
+    k = 0
+    for folder in FOLDERS:
+        d = root / folder
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(6):
+            side = 160 + 8 * (k % 5)
+            img = cv2.resize(face, (side, side), interpolation=cv2.INTER_AREA)
+            img = np.clip(img.astype(int) + rng.integers(-6, 7, img.shape), 0, 255).astype(np.uint8)
+            if k % 2:
+                img = np.ascontiguousarray(img[:, ::-1])
+            name = f"IMG_{i:04d}" + (".jpg" if i % 3 == 0 else ".png")
+            Image.fromarray(img).save(d / name, **({"quality": 92} if name.endswith(".jpg") else {}))
+            k += 1
+    Image.fromarray(np.full((120, 160, 3), 90, np.uint8)).save(root / "2020" / "empty.png")
+    (root / "2019" / "broken.jpg").write_bytes((root / "2019" / "IMG_0000.jpg").read_bytes()[:500])
+    return root
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _rows(*reports: Path, out: Path) -> list[dict]:
+    """Report rows with the output folder made relative (runs write to different folders), sorted."""
+    rows = []
+    for r in reports:
+        for line in r.read_text().splitlines():
+            row = json.loads(line)
+            if row["output"] is not None:
+                row["output"] = Path(row["output"]).relative_to(out).as_posix()
+            rows.append(row)
+    return sorted(rows, key=lambda r: r["input"])
+
+
+def _restore(*argv) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["restore", *map(str, argv)])
+    return rc, err.getvalue()
+
+
+def _args(tree, out, model_dir, report, *extra):
+    return (tree, "-o", out, "--model", model_dir, "--batch-size", "4", "--report", report, *extra)
+
+
+@pytest.fixture(scope="module")
+def reference(tree, model_dir, tmp_path_factory):
+    """The single-process run: (output folder, report rows, stderr)."""
+    base = tmp_path_factory.mktemp("single")
+    before = _files(tree)
+    rc, err = _restore(*_args(tree, base / "out", model_dir, base / "run.jsonl"))
+    assert rc == 1, err  # the truncated file
+    assert _files(tree) == before, "inputs are never modified"
+    return base / "out", _rows(base / "run.jsonl", out=base / "out"), err
+
+
+def test_tree_is_mirrored_and_every_photo_reported_once(reference, tree):
+    out, rows, err = reference
+    written = _files(out)
+    assert len(written) == N_PHOTOS - 1
+    for folder in FOLDERS:  # same names in every folder, no collision
+        for i in range(6):
+            assert f"{folder}/IMG_{i:04d}.png".lstrip("/") in written
+    assert "2020/empty.png" in written
+    assert [r["input"] for r in rows] == sorted(str(p) for p in tree.rglob("*") if p.is_file())
+    by_name = {Path(r["input"]).relative_to(tree).as_posix(): r for r in rows}
+    broken = by_name["2019/broken.jpg"]
+    assert broken["output"] is None and broken["faces"] == []
+    assert broken["error"].startswith(str(tree / "2019" / "broken.jpg")) and "cannot decode" in broken["error"]
+    assert by_name["2020/empty.png"]["faces"] == [] and by_name["2020/empty.png"]["error"] is None
+    assert by_name["2020/empty.png"]["output"] == "2020/empty.png"
+    with_faces = [r for n, r in by_name.items() if n.rsplit("/", 1)[-1].startswith("IMG_")]
+    assert len(with_faces) == N_PHOTOS - 2 and all(len(r["faces"]) == 1 for r in with_faces)
+    assert "broken.jpg: cannot decode" in err and "empty.png: no face found" in err
+    # the photo without faces is written unchanged
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "2020" / "empty.png")),
+                                  np.asarray(Image.open(tree / "2020" / "empty.png")))
+
+
+def test_two_shards_give_the_same_files_and_rows(reference, tree, model_dir, tmp_path):
+    out, rows, _ = reference
+    shard_rows = []
+    for k in (1, 2):
+        rc, err = _restore(*_args(tree, tmp_path / "out", model_dir, tmp_path / f"run-{k}.jsonl", "--shard", f"{k}/2"))
+        shard_rows.append(_rows(tmp_path / f"run-{k}.jsonl", out=tmp_path / "out"))
+        assert rc == (1 if any(r["error"] for r in shard_rows[-1]) else 0), err
+    assert len(shard_rows[0]) + len(shard_rows[1]) == N_PHOTOS
+    assert abs(len(shard_rows[0]) - len(shard_rows[1])) <= 1
+    assert sorted(shard_rows[0] + shard_rows[1], key=lambda r: r["input"]) == rows
+    assert _files(tmp_path / "out") == _files(out)
+
+
+def test_no_overlap_gives_the_same_files(reference, tree, model_dir, tmp_path):
+    """--prefetch 0 (the stages one after the other, no threads) writes the same bytes and rows."""
+    out, rows, _ = reference
+    rc, _ = _restore(tree, "-o", tmp_path / "out", "--model", model_dir, "--batch-size", "4", "--prefetch", "0",
+                     "--report", tmp_path / "run.jsonl")
+    assert rc == 1
+    assert _files(tmp_path / "out") == _files(out)
+    assert _rows(tmp_path / "run.jsonl", out=tmp_path / "out") == rows
+
+
+@pytest.mark.slow
+def test_ray_engine_two_workers_gives_the_same_files_and_rows(reference, tree, model_dir, tmp_path):
+    import ray
+
+    out, rows, _ = reference
+    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    try:
+        rc, err = _restore(*_args(tree, tmp_path / "out", model_dir, tmp_path / "run.jsonl", "--engine", "ray",
+                                  "--workers", "2", "--cpus-per-worker", "0.5"))
+    finally:
+        ray.shutdown()
+    assert rc == 1, err
+    assert _rows(tmp_path / "run.jsonl", out=tmp_path / "out") == rows
+    assert _files(tmp_path / "out") == _files(out)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_each_photo_reported_once(reference, tree, model_dir, tmp_path):
+    out, rows, _ = reference
+    report = tmp_path / "run.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "osdface", "restore", *map(str, _args(
+        tree, tmp_path / "out", model_dir, report))],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None and (not report.exists() or report.read_bytes().count(b"\n") < 3):
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run must be killed part-way"
+    done_before = report.read_bytes().count(b"\n")
+    assert 3 <= done_before < N_PHOTOS
+    rc, err = _restore(*_args(tree, tmp_path / "out", model_dir, report, "--skip-existing"))
+    assert rc == 1, err
+    assert f"({done_before} skipped)" in err
+    resumed = _rows(report, out=tmp_path / "out")
+    assert [r["input"] for r in resumed] == [r["input"] for r in rows], "each photo reported exactly once"
+    assert resumed == rows
+    assert _files(tmp_path / "out") == _files(out)
+
+
+def test_resume_drops_a_half_written_line_and_refuses_a_foreign_file(reference, tree, model_dir, tmp_path):
+    out, rows, _ = reference
+    report = tmp_path / "run.jsonl"
+    whole = [json.dumps({**r, "output": str(out / r["output"]) if r["output"] else None}) for r in rows[:5]]
+    report.write_text("\n".join(whole) + "\n" + whole[5 - 1][:20])  # a kill in the middle of a line
+    rc, err = _restore(*_args(tree, tmp_path / "out", model_dir, report, "--skip-existing"))
+    assert rc == 1 and "(5 skipped)" in err
+    lines = report.read_text().splitlines()
+    assert len(lines) == N_PHOTOS and all(json.loads(line) for line in lines)
+    report.write_text("not json\n")
+    rc, err = _restore(*_args(tree, tmp_path / "out2", model_dir, report, "--skip-existing"))
+    assert rc == 2 and f"{report}: line 1 is not JSON" in err
+    rc, err = _restore(*_args(tree, tmp_path / "out2", model_dir, report))
+    assert rc == 2 and "pass --overwrite" in err
+
+
+def test_input_list_ext_auto_and_stdin(reference, tree, model_dir, tmp_path, monkeypatch):
+    """A list with relative paths mirrors them below the list's folder; --ext auto keeps jpg as jpg."""
+    listed = ["tree/2019/IMG_0000.jpg", "tree/2020/a/b/IMG_0001.png", "tree/2019/summer", str(tree / "IMG_0002.png"), ""]
+    lst = tree.parent / "photos.txt"
+    lst.write_text("\n".join(listed) + "\n")
+    rc, err = _restore("--input-list", lst, "-o", tmp_path / "out", "--model", model_dir, "--batch-size", "4",
+                       "--ext", "auto")
+    assert rc == 0, err
+    got = sorted(_files(tmp_path / "out"))
+    assert got == sorted(["tree/2019/IMG_0000.jpg", "tree/2020/a/b/IMG_0001.png", "tree/IMG_0002.png"]
+                         + [f"IMG_{i:04d}.{'jpg' if i % 3 == 0 else 'png'}" for i in range(6)])
+    assert Image.open(tmp_path / "out" / "tree/2019/IMG_0000.jpg").format == "JPEG"
+    # the same photo as png is the reference output
+    assert _files(tmp_path / "out")["tree/2020/a/b/IMG_0001.png"] == (reference[0] / "2020/a/b/IMG_0001.png").read_bytes()
+    monkeypatch.chdir(tree)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("2019/winter/IMG_0004.png\n"))
+    rc, err = _restore("--input-list", "-", "-o", tmp_path / "out3", "--model", model_dir)
+    assert rc == 0, err
+    assert sorted(_files(tmp_path / "out3")) == ["2019/winter/IMG_0004.png"]
+
+
+def test_output_folder_inside_the_input_tree_is_not_scanned(tree, model_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tree / "2020", src)
+    for _ in range(2):  # the second run would see the first run's outputs if OUT were scanned
+        rc, err = _restore(src, "-o", src / "restored", "--model", model_dir, "--skip-existing")
+        assert rc == 0, err
+    names = [f"IMG_{i:04d}.png" for i in range(6)]
+    assert sorted(_files(src / "restored")) == sorted(["empty.png", *names, *(f"a/b/{n}" for n in names)])
+
+
+@pytest.mark.parametrize("shard", ["0/2", "3/2", "1", "a/b", "1/0"])
+def test_bad_shard_is_refused(shard, tree, model_dir, tmp_path, capsys):
+    assert main(["restore", str(tree), "-o", str(tmp_path / "out"), "--model", str(model_dir), "--shard", shard]) == 2
+    assert f"--shard {shard!r}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_shards_cover_every_photo_once():
+    from osdface.batch.inputs import shard_indices
+
+    paths = [Path(f"d{i % 7}/p{i}.jpg") for i in range(101)]
+    parts = [shard_indices(paths, k, 4) for k in range(1, 5)]
+    assert sorted(i for p in parts for i in p) == list(range(101))
+    # the split depends on the paths, not on their order on the command line
+    rp = list(reversed(paths))
+    rev = [sorted(rp[i] for i in shard_indices(rp, k, 4)) for k in range(1, 5)]
+    assert rev == [sorted(paths[i] for i in p) for p in parts]
