@@ -33,6 +33,7 @@ import math
 import pickle
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,14 +239,21 @@ def restore_collection_ray(
         n = len(jobs)
         ds = ray.data.from_items([{"input": str(j.input), "output": str(j.output)} for j in jobs],
                                  override_num_blocks=max(1, math.ceil(n / max(1, photos_per_call))))
-        ds = ds.map_batches(_prepare_batch, fn_args=(stages,), batch_size=1, num_cpus=stage_cpus,
-                            max_retries=max_retries)
         threads = None if gpus_per_worker else max(1, int(cpus_per_worker))
-        ds = ds.map_batches(_ModelActor, fn_constructor_args=(stages, threads), batch_size=photos_per_call,
-                            concurrency=workers, num_gpus=gpus_per_worker or None, num_cpus=cpus_per_worker,
-                            max_restarts=max_retries, max_task_retries=max_retries)
-        ds = ds.map_batches(_write_batch, fn_args=(stages,), batch_size=1, num_cpus=stage_cpus,
-                            max_retries=max_retries)
+        with warnings.catch_warnings():
+            # Ray Data's defaults retry a crashed task and restart a dead actor forever, so one photo that
+            # kills its worker every time would stall the job; the bounds can only be passed as
+            # ray_remote_args, which Ray 2.60 marks deprecated (removal announced for 2.64) without a
+            # named replacement yet.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            ds = ds.map_batches(_prepare_batch, fn_args=(stages,), batch_size=1, num_cpus=stage_cpus,
+                                max_retries=max_retries)
+            ds = ds.map_batches(_ModelActor, fn_constructor_args=(stages, threads), batch_size=photos_per_call,
+                                compute=ray.data.ActorPoolStrategy(size=workers),
+                                num_gpus=gpus_per_worker or None, num_cpus=cpus_per_worker,
+                                max_restarts=max_retries, max_task_retries=max_retries)
+            ds = ds.map_batches(_write_batch, fn_args=(stages,), batch_size=1, num_cpus=stage_cpus,
+                                max_retries=max_retries)
         t0 = time.perf_counter()
         seen: set[str] = set()
         rows = iter(ds.iter_rows())

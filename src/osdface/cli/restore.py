@@ -219,6 +219,14 @@ def run(args) -> int:
         raise CLIError("--workers must be >= 1")
     if args.prefetch < 0:
         raise CLIError("--prefetch must be >= 0")
+    if ray_engine:
+        import importlib.util
+
+        from .restore_photos import model_resolution_from_args
+
+        if importlib.util.find_spec("ray") is None:
+            raise CLIError("--engine ray needs Ray Data: pip install 'osdface[scale]'")
+        model_resolution_from_args(args)  # a model folder is needed: refused here, before any work
     shard = None
     if args.shard:
         from ..batch.inputs import parse_shard
@@ -255,7 +263,7 @@ def run(args) -> int:
         from ..batch.report import read_rows
 
         done = {r["input"] for r in read_rows(Path(args.report).expanduser())[0]}
-    return _run_planned(args, out_dir, dirs, plan, problems, streaming, resume, done)
+    return _run_planned(args, out_dir, plan, problems, streaming, resume, done)
 
 
 class _StreamingReport:
@@ -266,18 +274,21 @@ class _StreamingReport:
         self.path, self.resume, self.file = path, resume, None
 
     def write(self, row: dict) -> None:
-        if self.file is None:
-            from ..batch.report import JsonlReport
+        try:
+            if self.file is None:
+                from ..batch.report import JsonlReport
 
-            self.file = JsonlReport(self.path, resume=self.resume)
-        self.file.write(row)
+                self.file = JsonlReport(self.path, resume=self.resume)
+            self.file.write(row)
+        except OSError as e:  # a full disk, a vanished folder: the run stops, the rows so far are kept
+            raise CLIError(f"{self.path}: cannot write the report: {e}") from None
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
 
 
-def _run_planned(args, out_dir: Path, dirs: list[Path], plan, problems: list[str], streaming: bool, resume: bool,
+def _run_planned(args, out_dir: Path, plan, problems: list[str], streaming: bool, resume: bool,
                  done: set[str]) -> int:
     from ..batch.stages import failure_row
     from .restore_photos import build_face_models, face_layer_device, restore_photos, write_report
@@ -311,12 +322,13 @@ def _run_planned(args, out_dir: Path, dirs: list[Path], plan, problems: list[str
         if args.engine == "ray":
             for row in problem_rows if report is not None else []:
                 report.write(row)
+            clean_output_dirs(*_output_folders(out_dir, jobs, args))
             failed, lost = _run_ray(args, jobs, on_row)
         else:
             # face-layer files first: a refused detector/parser/upsampler file costs no diffusion-model load
             face_models = None if args.aligned else build_face_models(args, face_layer_device(args))
             pipe = load_pipeline_from_args(args)
-            clean_output_dirs(out_dir, *dirs)
+            clean_output_dirs(*_output_folders(out_dir, jobs, args))
             for row in problem_rows if report is not None else []:
                 report.write(row)
             if args.aligned:
@@ -338,6 +350,16 @@ def _run_planned(args, out_dir: Path, dirs: list[Path], plan, problems: list[str
     return 1 if n_bad or report_failed else 0
 
 
+def _output_folders(out_dir: Path, jobs: list[tuple[Path, Path]], args) -> list[Path]:
+    """Every folder the jobs write into (mirrored trees: each output's folder and its side folders),
+    where a killed run may have left temporaries."""
+    folders = {out_dir, *side_dirs(out_dir, args)}
+    for _, out in jobs:
+        folders.add(out.parent)
+        folders.update(side_dirs(out.parent, args))
+    return sorted(folders)
+
+
 def _job(f: Path, out: Path | None):
     from ..batch.stages import PhotoJob
 
@@ -350,10 +372,7 @@ def _run_ray(args, jobs: list[tuple[Path, Path]], on_row) -> tuple[int, int]:
 
     from tqdm import tqdm
 
-    try:
-        from ..batch.ray_engine import RayStages, restore_collection_ray
-    except ImportError as e:
-        raise CLIError(f"--engine ray needs Ray Data: pip install 'osdface[scale]' ({e})") from None
+    from ..batch.ray_engine import RayStages, restore_collection_ray
     from ..batch.stages import PhotoJob, WriteOptions
     from .restore_photos import (
         face_stage_restorer,
@@ -362,7 +381,7 @@ def _run_ray(args, jobs: list[tuple[Path, Path]], on_row) -> tuple[int, int]:
         row_printer,
     )
 
-    face_size = model_resolution_from_args(args)
+    face_size = model_resolution_from_args(args)  # checked before any work in run(); configs only, cheap
     stages = RayStages(face_stage=functools.partial(face_stage_restorer, args, face_size),
                        model_stage=functools.partial(model_stage_restorer, args),
                        options=WriteOptions(compare=args.compare, save_faces=args.save_faces))
