@@ -194,6 +194,10 @@ def create_app(engine: RestoreEngine):
 
     @app.post("/v1/restore")
     async def restore(request: Request):
+        # admitted before the body is read: bodies held at once are bounded, and a slow upload meets the deadline
+        return await engine.admitted(lambda: _restore(request))
+
+    async def _restore(request: Request):
         values: dict[str, str] = {}
         for key, value in request.query_params.multi_items():
             if key in values:
@@ -223,7 +227,7 @@ def create_app(engine: RestoreEngine):
             if not data:
                 raise RequestError(400, "no image: send it as the request body or as the multipart field 'image'")
         options = RestoreOptions.parse(values, config)
-        outcome = await engine.restore(data, options)
+        outcome = await engine.restore_admitted(data, options)
         if options.format == "json":
             return JSONResponse(outcome.report())
         return Response(outcome.encoded, media_type=outcome.media_type,

@@ -21,9 +21,10 @@ import base64
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from .config import MEDIA_TYPES, RequestError, RestoreOptions, ServeConfig
 from .metrics import ServeMetrics
 
 logger = get_logger(__name__)
+T = TypeVar("T")
 
 #: smallest aligned crop accepted (a colour fix needs some pixels; FFHQ crops are 512)
 MIN_ALIGNED_SIDE = 16
@@ -142,28 +144,43 @@ class RestoreEngine:
 
     # ------------------------------------------------------------------ one request
     async def restore(self, image: bytes | LoadedImage, options: RestoreOptions) -> RestoreOutcome:
-        """Restore one photo (encoded bytes, or an already decoded image) with ``options``.
+        """Restore one photo (encoded bytes, or an already decoded image) with ``options``:
+        :meth:`admitted` around :meth:`restore_admitted`.
 
         Raises:
             RequestError: 413/415/400 for the image, 503 when ``max_queue`` requests are in already
                 (with ``Retry-After``) or the engine is closed, 504 past ``request_timeout_s``.
         """
+        return await self.admitted(lambda: self.restore_admitted(image, options))
+
+    async def admitted(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Run ``work()`` as one admitted request: refused with 503 (``Retry-After``) when ``max_queue``
+        requests are in already, cancelled with 504 past ``request_timeout_s``.
+
+        The HTTP app admits a request *before* reading its body, so bodies in memory are bounded by
+        ``max_queue × max_upload_bytes`` and a slow upload counts against the deadline.
+        """
+        retry = {"Retry-After": str(self.config.retry_after_s)}
         if self._closed:
-            raise RequestError(503, "the service is shutting down", {"Retry-After": str(self.config.retry_after_s)})
-        await self.start()
+            raise RequestError(503, "the service is shutting down", retry)
         if self._in_flight >= self.config.max_queue:
             raise RequestError(503, f"the service is busy ({self._in_flight} requests in progress); retry later",
-                               {"Retry-After": str(self.config.retry_after_s)})
+                               retry)
         self._in_flight += 1
         self.metrics.in_flight.inc()
-        start = time.monotonic()
         try:
-            out = await asyncio.wait_for(self._run(image, options), self.config.request_timeout_s)
+            return await asyncio.wait_for(work(), self.config.request_timeout_s)
         except asyncio.TimeoutError:
             raise RequestError(504, f"the request took longer than {self.config.request_timeout_s:g} s") from None
         finally:
             self._in_flight -= 1
             self.metrics.in_flight.dec()
+
+    async def restore_admitted(self, image: bytes | LoadedImage, options: RestoreOptions) -> RestoreOutcome:
+        """The restoration itself, for a caller inside :meth:`admitted`."""
+        await self.start()
+        start = time.monotonic()
+        out = await self._run(image, options)
         out.seconds = time.monotonic() - start
         return out
 
