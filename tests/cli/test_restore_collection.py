@@ -268,3 +268,66 @@ def test_shards_cover_every_photo_once():
     rp = list(reversed(paths))
     rev = [sorted(rp[i] for i in shard_indices(rp, k, 4)) for k in range(1, 5)]
     assert rev == [sorted(paths[i] for i in p) for p in parts]
+
+
+class CrashOnceRestorer:
+    """Builds a model-stage restorer whose first model call anywhere kills its process (``os._exit``):
+    a real worker crash, to be survived by Ray restarting the actor and retrying the call."""
+
+    def __init__(self, model_dir: Path, marker: Path) -> None:
+        self.model_dir, self.marker = model_dir, marker
+
+    def __call__(self):
+        from osdface.face import FaceRestorer
+        from osdface.pipelines import OSDFacePipeline
+
+        marker = self.marker
+
+        class Crashing(FaceRestorer):
+            def restore_crops(self, crops):
+                if not marker.exists():
+                    marker.write_text("crashed\n")
+                    os._exit(1)
+                return super().restore_crops(crops)
+
+        return Crashing(OSDFacePipeline.from_pretrained(self.model_dir), detector=None, batch_size=4)
+
+
+@pytest.mark.slow
+def test_ray_crashed_worker_is_restarted_and_its_photos_retried(reference, tree, model_dir, tmp_path):
+    """From Python: the model actor dies in its first call; Ray restarts it, the call is retried and
+    every photo is reported once with the single-process bytes."""
+    import functools
+
+    import ray
+
+    from osdface.batch.inputs import collect_inputs
+    from osdface.batch.ray_engine import RayStages, restore_collection_ray
+    from osdface.batch.stages import PhotoJob
+    from osdface.face import FaceRestorer
+    from osdface.io.model_folders import read_model_folder
+
+    out, rows, _ = reference
+    photos, _ = collect_inputs([tree / "2019"])
+    jobs = [PhotoJob(p.path, p.output(tmp_path / "out", "png")) for p in photos]
+    stages = RayStages(face_stage=functools.partial(FaceRestorer, None, detector="yunet",
+                                                         face_size=read_model_folder(model_dir).resolution),
+                       model_stage=CrashOnceRestorer(model_dir, tmp_path / "crashed"))
+    got: list[dict] = []
+    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent),
+                                                            "OMP_NUM_THREADS": "1"}})
+    try:
+        stats = restore_collection_ray(jobs, stages, got.append, workers=1, cpus_per_worker=1, gpus_per_worker=0,
+                                       photos_per_call=4)
+    finally:
+        ray.shutdown()
+    assert (tmp_path / "crashed").exists(), "the worker really crashed"
+    assert stats.lost == [] and stats.photos == len(jobs) == 19
+    expected = {r["input"]: r for r in rows if r["input"].startswith(str(tree / "2019") + "/")}
+    assert sorted(r["input"] for r in got) == sorted(expected)
+    for r in got:
+        rel = Path(r["output"]).relative_to(tmp_path / "out").as_posix() if r["output"] else None
+        assert {**r, "output": rel and "2019/" + rel} == expected[r["input"]]
+    assert {f"2019/{k}": v for k, v in _files(tmp_path / "out").items()} == {
+        k: v for k, v in _files(out).items() if k.startswith("2019/")}
