@@ -75,11 +75,11 @@ class GuardMiddleware:
         path = scope.get("path", "")
         route = path if path in ROUTES else "other"
         started = time.monotonic()
-        status = {"code": 500, "sent": False}
+        status = {"code": 500}  # unless a response starts
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
-                status["code"], status["sent"] = message["status"], True
+                status["code"] = message["status"]
             await send(message)
 
         try:

@@ -32,6 +32,7 @@ from ..face.restorer import FaceRestorer, PreparedPhoto
 from ..face.types import FaceCrop
 from ..image import ImageError, ImageFormatError, ImageTooLargeError, LoadedImage, decode_image, encode_image
 from ..utils.logging import get_logger
+from .batcher import FaceBatcher
 from .config import MEDIA_TYPES, RequestError, RestoreOptions, ServeConfig
 from .metrics import ServeMetrics
 
@@ -111,8 +112,7 @@ class RestoreEngine:
         self._local = threading.local()
         self.metrics = ServeMetrics(config.max_batch)
         self.cpu_executor = ThreadPoolExecutor(config.cpu_workers, thread_name_prefix="osdface-cpu")
-        self._batcher = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._batcher: FaceBatcher | None = None
         self._in_flight = 0
         self._closed = False
         self.metrics.watch(lambda: self._batcher.pending() if self._batcher else 0,
@@ -129,9 +129,6 @@ class RestoreEngine:
         if self._closed:
             raise RuntimeError("this engine was closed")
         if self._batcher is None:
-            from .batcher import FaceBatcher
-
-            self._loop = asyncio.get_running_loop()
             self._batcher = FaceBatcher(self._run_batch, replicas=self.config.replicas,
                                         max_batch=self.config.max_batch, max_wait_s=self.config.batch_wait_ms / 1000)
 
