@@ -18,7 +18,8 @@ def run(args) -> int:
     from ..weights import osdface_home
 
     print(f"osdface {__version__}  python {platform.python_version()}  {platform.platform()}")
-    for pkg in ("torch", "diffusers", "peft", "safetensors", "accelerate", "opencv-python-headless", "numpy", "pillow"):
+    for pkg in ("torch", "diffusers", "peft", "safetensors", "accelerate", "opencv-python-headless", "numpy", "pillow",
+                "fastapi", "uvicorn", "gradio"):  # the last three: the serve extra
         try:
             print(f"  {pkg:24s} {md.version(pkg)}")
         except md.PackageNotFoundError:
