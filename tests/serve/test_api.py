@@ -131,6 +131,19 @@ def test_aligned_round_trip(client, reference, size, fmt):
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+def test_alpha_channel_kept(client, sample_rgb, aligned):
+    rgb = sample_rgb[:128, :128] if aligned else sample_rgb
+    alpha = np.tile(np.linspace(0, 255, rgb.shape[1]).astype(np.uint8), (rgb.shape[0], 1))
+    data = encode(np.dstack([rgb, alpha]), "PNG")
+    resp = client.post("/v1/restore", params={"aligned": str(aligned).lower(), "format": "webp", "quality": "100"},
+                       content=data)
+    assert resp.status_code == 200, resp.text
+    out = Image.open(io.BytesIO(resp.content))
+    assert out.mode == "RGBA" and out.size == (rgb.shape[1], rgb.shape[0])
+    assert np.abs(np.asarray(out)[..., 3].astype(int) - alpha).max() <= 2
+
+
 def test_photo_without_a_face_comes_back_unchanged(client):
     flat = np.full((96, 128, 3), 90, np.uint8)
     resp = client.post("/v1/restore", content=encode(flat, "PNG"))
