@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import numpy as np
 import pytest
 
 from osdface.serve.batcher import FaceBatcher
@@ -128,3 +129,30 @@ def test_bounds_are_checked():
             FaceBatcher(lambda r, x: x, max_batch=0)
 
     asyncio.run(main())
+
+
+def test_model_runs_while_every_cpu_thread_is_busy(tiny_model_dir):
+    """The engine's model replicas have their own threads: a face reaches the model and comes back while the
+    only CPU thread (decoding, detection, paste-back of other requests) is held."""
+    from _serve_helpers import load_test_engine
+
+    from osdface.testing import synthetic_faces
+
+    engine = load_test_engine(tiny_model_dir, cpu_workers=1)
+    crop = synthetic_faces(1, seed=2)[0]
+    gate = threading.Event()
+
+    async def main():
+        await engine.start()
+        held = engine.cpu_executor.submit(gate.wait, 120)
+        try:
+            [restored] = await asyncio.wait_for(engine.batcher.submit([(crop, "wavelet")]), 120)
+            still_held = not held.done()
+        finally:
+            gate.set()
+            await engine.close()
+        return restored, still_held
+
+    restored, still_held = asyncio.run(main())
+    assert still_held, "the CPU thread was held the whole time"
+    assert restored.shape == crop.shape and restored.dtype == np.uint8

@@ -120,6 +120,11 @@ class RestoreEngine:
 
     # ------------------------------------------------------------------ life cycle
     @property
+    def batcher(self) -> FaceBatcher | None:
+        """The face batcher (items ``(crop, color_fix)``), once started; ``None`` before."""
+        return self._batcher
+
+    @property
     def ready(self) -> bool:
         """Models loaded and the batcher running (``/readyz``)."""
         return self._batcher is not None and not self._closed
