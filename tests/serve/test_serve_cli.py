@@ -83,9 +83,9 @@ def test_version_imports_no_web_stack():
 
 
 def test_serve_extra_is_installed():
-    """The dev set-up installs the serve extra; its absence must fail here, not skip the service tests."""
+    """The dev set-up installs the serve extra (and playwright with dev); a missing one fails here, never skips."""
     for module in ("fastapi", "uvicorn", "prometheus_client", "multipart", "httpx", "gradio", "playwright"):
-        assert importlib.util.find_spec(module) is not None, f"{module} missing: pip install -e '.[serve]'"
+        assert importlib.util.find_spec(module) is not None, f"{module} missing: pip install -e '.[dev,serve]'"
 
 
 def test_serve_layer():
