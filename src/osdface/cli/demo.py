@@ -28,6 +28,11 @@ def run(args) -> int:
     from .serve import config_from_args, load_engine
 
     config = config_from_args(args)
+    if config.api_key:
+        import logging
+
+        logging.getLogger("osdface.demo").warning("the API key applies to osdface serve, not to the demo: "
+                                                  "keep the demo on 127.0.0.1 or behind your own authentication")
     engine = load_engine(args, config)
     demo = build_demo(engine)
     try:
