@@ -8,6 +8,11 @@ FACE_SIZE = 512
 #: Fixed UNet timestep of the one-step forward (`infer.py`: ``self.timesteps = 399``).
 TIMESTEP = 399
 
+#: Faces per pipeline call by default, the same in the CLI (``--batch-size``) and the API
+#: (``FaceRestorer(batch_size=...)``): 1 keeps every face's output independent of which faces share a
+#: call (batched kernels differ in float summation order); raise it for throughput on a GPU.
+DEFAULT_BATCH_SIZE = 1
+
 #: Number of visual-prompt tokens (replaces CLIP's 77 text tokens).
 NUM_PROMPT_TOKENS = 77
 

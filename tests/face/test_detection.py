@@ -150,3 +150,22 @@ def test_retinaface_detector_loads_a_facexlib_style_file(tmp_path, astronaut):
     torch.save({"conv.weight": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="not a RetinaFace-resnet50 state dict"):
         RetinaFaceDetector(bad)
+
+
+def test_yunet_file_is_shipped_in_the_package(tmp_path, monkeypatch):
+    """The default detector's ONNX file comes from osdface/assets/ (issue 17), byte-identical to the
+    OpenCV Zoo int8 file whose SHA-256 and licence assets/README.md records."""
+    import hashlib
+    from pathlib import Path
+
+    import osdface
+    from osdface.face.detection import YUNET_FILE, find_yunet_model
+
+    monkeypatch.setenv("OSDFACE_HOME", str(tmp_path))  # no user copy
+    path = find_yunet_model()
+    assets = Path(osdface.__file__).parent / "assets"
+    assert path == assets / YUNET_FILE
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    readme = (assets / "README.md").read_text()
+    assert digest == "49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10" and digest in readme
+    assert "MIT" in readme

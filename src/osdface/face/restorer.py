@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from ..color import get_color_fix
+from ..constants import DEFAULT_BATCH_SIZE
 from ..errors import InvalidSettingError
 from ..image import LoadedImage
 from ..utils.logging import get_logger
@@ -102,7 +103,7 @@ class FaceRestorer:
             ``(rgb, scale) -> rgb`` for the background when ``upscale > 1``.
         parser: optional face parser (``FaceParser`` or a path to ``parsing_parsenet.pth``).
         max_faces / min_face_size / only_center_face: face filters (:func:`select_faces`).
-        batch_size: faces per pipeline call.
+        batch_size: faces per pipeline call (default :data:`osdface.constants.DEFAULT_BATCH_SIZE`, as the CLI).
         latent: ``"mode"`` (deterministic) or ``"sample"``.
         seed: seed of the generator for ``latent="sample"``.
         mask_erode / mask_feather: paste-mask shape (fractions of the crop side).
@@ -126,7 +127,7 @@ class FaceRestorer:
     def __init__(self, pipeline, detector: str | FaceDetector | None = "yunet", upscale: float = 1,
                  face_size: int | None = None, color_fix: str = "wavelet", paste_back: bool = True,
                  bg_upsampler: str | Callable | None = "lanczos", parser=None, max_faces: int | None = None,
-                 min_face_size: float = 0.0, only_center_face: bool = False, batch_size: int = 4,
+                 min_face_size: float = 0.0, only_center_face: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
                  latent: str = "mode", seed: int | None = None, mask_erode: float = 0.04,
                  mask_feather: float = 0.10, border: str = "constant", fidelity: float = 0.0,
                  timestep: int | None = None, latent_strength: float = 1.0, identity=None,

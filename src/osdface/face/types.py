@@ -85,6 +85,15 @@ class FaceCrop:
     identity_flagged: bool = False
     kept_original: bool = False
 
+    def to_json(self) -> dict:
+        """The detection's JSON (:meth:`Detection.to_json`) plus, when the identity check ran,
+        ``"identity"`` (rounded to 1e-4), ``"identity_flagged"`` and ``"kept_original"``."""
+        out = self.detection.to_json()
+        if self.identity is not None:
+            out.update(identity=round(self.identity, 4), identity_flagged=self.identity_flagged,
+                       kept_original=self.kept_original)
+        return out
+
 
 @dataclass
 class RestoreResult:
