@@ -114,7 +114,7 @@ def write_photo(restorer, job: PhotoJob, prepared, restored: list[np.ndarray],
     """
     res = restorer.finish(prepared, restored)
     row: dict[str, Any] = {"input": str(job.input), "output": None,
-                           "faces": [f.detection.to_json() for f in res.faces], "error": None}
+                           "faces": [f.to_json() for f in res.faces], "error": None}
     ext = job.output.suffix.lstrip(".")
     if res.image is not None:
         save_image(job.output, res.image, res.alpha)

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path, PurePosixPath
 
-from ..constants import IMAGE_EXTENSIONS
+from ..constants import DEFAULT_BATCH_SIZE, IMAGE_EXTENSIONS
 from .common import (
     CLIError,
     add_model_args,
@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
         "the exit code is 1 if any input failed.",
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("-i", "--input", dest="input_opt", action="append", metavar="INPUT",
+                   help="an input as an option (GFPGAN/CodeFormer style; repeatable; same as INPUT)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder")
     p.add_argument("--input-list", metavar="FILE",
                    help="more inputs, one path per line ('-' = standard input); relative paths are relative to "
@@ -41,7 +43,8 @@ def add_parser(sub) -> None:
     p.add_argument("--shard", metavar="K/N",
                    help="restore only part K of N of the sorted input list (N processes cover every photo once)")
     p.add_argument("--aligned", action="store_true", help="inputs are FFHQ-aligned square face crops")
-    p.add_argument("--batch-size", type=int, default=1, metavar="N", help="faces per pipeline call (default 1)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                   help=f"faces per pipeline call (default {DEFAULT_BATCH_SIZE}, as FaceRestorer)")
     p.add_argument("--skip-existing", action="store_true",
                    help="skip inputs whose output already exists; with an existing --report FILE.jsonl: skip the "
                         "inputs it reports and append the rest")
@@ -206,10 +209,14 @@ def run(args) -> int:
 
     if args.batch_size < 1:
         raise CLIError("--batch-size must be >= 1")
+    args.inputs = list(args.inputs) + list(getattr(args, "input_opt", None) or [])  # INPUT ... and -i/--input
     if not args.inputs and not args.input_list:
         raise CLIError("give INPUT paths, --input-list FILE, or both")
     check_name_part("--suffix", args.suffix)
     out_dir = check_output_dir("-o", args.output)
+    from .weights import require_weights_from_args
+
+    require_weights_from_args(args)  # first run: every missing model file, before any heavy import
     ray_engine = args.engine == "ray"
     if ray_engine and args.aligned:
         raise CLIError("--engine ray restores whole photos; run --aligned without --engine ray")
@@ -291,9 +298,10 @@ class _StreamingReport:
 def _run_planned(args, out_dir: Path, plan, problems: list[str], streaming: bool, resume: bool,
                  done: set[str]) -> int:
     from ..batch.stages import failure_row
+    from .face_quality_args import collect_identity, identity_summary
     from .restore_photos import build_face_models, face_layer_device, restore_photos, write_report
 
-    jobs, skipped, problem_rows = [], 0, []
+    jobs, skipped, problem_rows, identities = [], 0, [], []
     for f, out, problem in plan:
         if resume and str(f) in done:
             skipped += 1
@@ -318,6 +326,7 @@ def _run_planned(args, out_dir: Path, plan, problems: list[str], streaming: bool
             return 1 if problems else 0
         summary: list[dict] = []
         on_row = report.write if report is not None else summary.append
+        on_row = collect_identity(on_row, identities)
         lost = 0
         if args.engine == "ray":
             for row in problem_rows if report is not None else []:
@@ -345,6 +354,8 @@ def _run_planned(args, out_dir: Path, plan, problems: list[str], streaming: bool
         report_failed = not write_report(args.report, [{k: e[k] for k in ("input", "output", "faces")}
                                                        for e in summary])
     n_bad = len(problems) + failed + lost
+    if identity_summary(identities):
+        print(identity_summary(identities), file=sys.stderr)
     print(f"restored {len(jobs) - failed - lost} of {len(jobs)} inputs into {out_dir}"
           + (f" ({skipped} skipped)" if skipped else "") + (f"; {n_bad} failed" if n_bad else ""), file=sys.stderr)
     return 1 if n_bad or report_failed else 0

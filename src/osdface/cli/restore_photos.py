@@ -28,10 +28,12 @@ def add_face_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-face-size", type=float, default=0, metavar="PX",
                    help="ignore faces smaller than PX pixels (longer box side)")
     g.add_argument("--only-center-face", action="store_true", help="restore only the face closest to the centre")
-    g.add_argument("--upscale", type=float, default=1, metavar="N", help="output scale of the whole photo (default 1)")
+    g.add_argument("-s", "--upscale", type=float, default=1, metavar="N",
+                   help="output scale of the whole photo (default 1)")
     g.add_argument("--bg-upsampler", default="lanczos", metavar="NAME|FILE",
-                   help="background for --upscale: lanczos (default), bicubic, bilinear, area, nearest, "
-                        "or a Real-ESRGAN RRDBNet .pth file")
+                   help="background for --upscale (and faces for --face-size): lanczos (default), bicubic, "
+                        "bilinear, area, nearest, realesrgan (RealESRGAN_x2plus.pth or _x4plus.pth in "
+                        "$OSDFACE_HOME/face/), or a Real-ESRGAN RRDBNet .pth file")
     g.add_argument("--bg-tile", type=int, default=400, metavar="PX", help="tile size of a background model (0 = none)")
     g.add_argument("--color-fix", default="wavelet", choices=["wavelet", "adain", "none"],
                    help="colour correction of restored faces against their input (default wavelet)")
@@ -50,6 +52,9 @@ def add_face_args(p: argparse.ArgumentParser) -> None:
                         "--overwrite (or, for .jsonl, --skip-existing to append)")
     g.add_argument("--no-smooth", dest="smooth", action="store_false",
                    help="videos: no landmark smoothing across frames")
+    from . import face_quality_args
+
+    face_quality_args.add_args(g)
 
 
 def face_layer_device(args) -> str:
@@ -90,6 +95,7 @@ def build_restorer(pipe, args, face_models: dict | None = None, face_size: int |
     unless given by :func:`build_face_models`). ``face_size``: the crop side when ``pipe`` is ``None``
     (a restorer for the detect/align and paste stages only)."""
     from ..face import FaceRestorer
+    from .face_quality_args import restorer_kwargs
 
     models = face_models if face_models is not None else build_face_models(args, face_layer_device(args))
     return FaceRestorer(
@@ -98,7 +104,7 @@ def build_restorer(pipe, args, face_models: dict | None = None, face_size: int |
         bg_upsampler=models["bg_upsampler"], parser=models["parser"],
         max_faces=getattr(args, "max_faces", 0) or None, min_face_size=getattr(args, "min_face_size", 0),
         only_center_face=getattr(args, "only_center_face", False), batch_size=getattr(args, "batch_size", 1),
-        latent=getattr(args, "latent", "mode"), seed=getattr(args, "seed", 0),
+        latent=getattr(args, "latent", "mode"), seed=getattr(args, "seed", 0), **restorer_kwargs(args),
     )
 
 
@@ -117,7 +123,7 @@ def model_stage_restorer(args):
     pipe = load_pipeline_from_args(args)
     return FaceRestorer(pipe, detector=None, color_fix=getattr(args, "color_fix", "wavelet"), bg_upsampler=None,
                         batch_size=getattr(args, "batch_size", 1), latent=getattr(args, "latent", "mode"),
-                        seed=getattr(args, "seed", 0))
+                        seed=getattr(args, "seed", 0), fidelity=getattr(args, "fidelity", 0.0))
 
 
 def model_resolution_from_args(args) -> int:
