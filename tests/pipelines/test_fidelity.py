@@ -68,7 +68,9 @@ def test_diffusers_call_conventions(tiny_pipe, faces):
         tiny_pipe(image=faces[:1], images=faces[:1])
     with pytest.raises(InvalidSettingError, match="image="):
         tiny_pipe()
-    assert isinstance(np.asarray(out[0]), np.ndarray)
+    u8 = tiny_pipe(image=faces[:2], output_type="uint8").images  # uint8 under its own name
+    assert u8.dtype == np.uint8 and u8.shape == (2, 64, 64, 3)
+    assert np.array_equal(u8, tiny_pipe(faces[:2], output_type="np").images)
 
 
 def test_diffusers_refuses_a_model_folder_naming_the_class(tiny_pipe, tmp_path):

@@ -50,7 +50,7 @@ from .output import OSDFacePipelineOutput
 
 logger = get_logger(__name__)
 
-OutputType = Literal["pt", "np", "pil"]
+OutputType = Literal["pt", "np", "uint8", "pil"]
 LatentMode = Literal["mode", "sample"]
 
 
@@ -123,13 +123,13 @@ def blend_fidelity(restored: torch.Tensor, lq: torch.Tensor, fidelity: float) ->
 
 def _convert_output(out: torch.Tensor, output_type: OutputType, rounding: Literal["round", "truncate"]) -> Any:
     """``(B, 3, H, W)`` float in [0, 1] → the requested output type (``"pt"``: ``out`` itself)."""
-    if output_type == "np":
+    if output_type in ("np", "uint8"):  # "uint8": the explicit name ("np" may become float, as diffusers)
         return to_uint8(out, rounding)
     if output_type == "pil":
         return to_pil(out, rounding)
     if output_type == "pt":
         return out
-    raise ValueError(f"output_type must be 'pt', 'np' or 'pil', got {output_type!r}")
+    raise ValueError(f"output_type must be 'pt', 'np', 'uint8' or 'pil', got {output_type!r}")
 
 
 class OSDFacePipeline:
@@ -448,8 +448,8 @@ class OSDFacePipeline:
             image: a ``(B, 3, H, W)`` float tensor in [0, 1], a PIL image, a uint8 ``(H, W, 3)``
                 array, or a list of those; square, any size (resized to ``resolution``).
                 ``images=`` is accepted as the old name.
-            output_type: ``"pt"`` (float tensor in [0, 1], on the pipeline device), ``"np"``
-                (uint8 ``(B, H, W, 3)``) or ``"pil"``.
+            output_type: ``"pt"`` (float tensor in [0, 1], on the pipeline device), ``"uint8"``
+                (uint8 ``(B, H, W, 3)``), ``"np"`` (today: the same uint8 array) or ``"pil"``.
             latent: ``"mode"`` (deterministic) or ``"sample"`` (official behaviour; use ``generator``).
             generator: RNG for ``latent="sample"``.
             rounding: float → uint8 for ``"np"``/``"pil"``: ``"round"`` or ``"truncate"`` (official).
