@@ -205,3 +205,22 @@ def test_restore_backend_auto_runs_openvino(static_dir, model_dir, tmp_path, mak
     err = capsys.readouterr().err.strip()
     assert f"--model {static_dir}: an ONNX export" in err and "\n" not in err
     assert not (tmp_path / "torch").exists()
+
+
+# ------------------------------------------------------------------ the pipeline's call, knobs included
+def test_runner_call_matches_pipeline_knobs(backend, pipe, dynamic_dir, make_faces):
+    """The runners share OSDFacePipeline.__call__: image=, return_dict=False, fidelity and latent_strength
+    (host code) give the torch pipeline's result within a level; another timestep is refused."""
+    runner = ENGINES[backend].from_folder(dynamic_dir)
+    faces = make_faces(2)
+    for kw in ({"fidelity": 0.5}, {"latent_strength": 0.6}):
+        (got,) = runner(image=faces, output_type="np", return_dict=False, **kw)
+        ref = pipe(image=faces, output_type="np", **kw).images
+        assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
+    plain = runner(image=faces, output_type="np").images
+    assert np.array_equal(runner(image=faces, output_type="np", fidelity=0.0, timestep=runner.timestep).images, plain)
+    with pytest.raises(InvalidSettingError, match="this export runs t = 399 only") as e:
+        runner(image=faces, timestep=200)
+    assert "\n" not in str(e.value)
+    with pytest.raises(InvalidSettingError, match="fidelity"):
+        runner(image=faces, fidelity=1.5)

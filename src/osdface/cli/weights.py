@@ -133,6 +133,6 @@ def require_weights_from_args(args) -> None:
     from ..weights import require_model_weights
 
     model, base, weights = (getattr(args, k, None) for k in ("model", "base_model", "weights"))
-    if model or bool(base) != bool(weights):
-        return  # a named model folder, or a usage error that load_pipeline_from_args reports
+    if model or bool(base) != bool(weights) or getattr(args, "backend", "auto") in ("onnxruntime", "openvino"):
+        return  # a named model folder, a usage error or an exported backend: load_pipeline_from_args reports
     require_model_weights(None, base, weights)

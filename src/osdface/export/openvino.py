@@ -29,7 +29,7 @@ from typing import Any
 
 from .._version import __version__
 from ..errors import InvalidSettingError, ModelFileError
-from ..io.onnx_format import GRAPH_FORMATS, GRAPH_IO, MANIFEST_NAME, WEIGHT_COMPRESSIONS
+from ..io.onnx_format import GRAPH_FORMATS, GRAPH_IO, MANIFEST_NAME, WEIGHT_COMPRESSIONS, read_manifest
 from ..utils.io import atomic_dir, sha256_file
 from ..utils.logging import get_logger
 
@@ -85,8 +85,6 @@ def export_openvino(onnx_dir: str | os.PathLike, output_dir: str | os.PathLike,
         ModelFileError: ``onnx_dir`` is not a valid ONNX export, or is already an IR folder.
         InvalidSettingError: ``openvino`` (or, with ``int8_weights``, ``nncf``) is not installed.
     """
-    from ..runtime.exported import read_manifest
-
     ov = _require("openvino", "openvino", "an OpenVINO IR export")
     if int8_weights:
         _require("nncf", "openvino", "int8 weight compression")

@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidSettingError, ModelFileError
+from ..io.onnx_format import read_manifest
+from ..utils.io import sha256_file
 from ..utils.logging import get_logger
-from .exported import ExportedPipeline, read_manifest, sha256_file
+from .exported import ExportedPipeline
 
 __all__ = ["OnnxRuntimePipeline", "default_providers", "read_manifest", "sha256_file"]
 

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import DeviceError, InvalidSettingError
+from ..io.onnx_format import read_manifest
 from ..utils.logging import get_logger
-from .exported import ExportedPipeline, read_manifest
+from .exported import ExportedPipeline
 
 __all__ = ["OpenVinoPipeline", "default_config"]
 
