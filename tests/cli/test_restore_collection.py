@@ -1,5 +1,6 @@
-"""Whole collections through ``osdface restore`` (issue 15): a nested tree of 38 photos with duplicate
-names in different folders, one truncated file and one photo without faces.
+"""Whole collections through ``osdface restore`` (issue 15): a nested tree of 40 files with duplicate
+names in different folders: three bad files (truncated, a text file named .jpg, a PNG declaring
+40000² pixels) and one photo without faces.
 
 The single-process run is the reference; two shards, the Ray engine (2 workers on a local Ray) and a
 run killed part-way then resumed with ``--skip-existing`` must give the same files, byte for byte,
@@ -28,7 +29,8 @@ from PIL import Image
 from osdface.cli import main
 
 FOLDERS = ["", "2019", "2019/summer", "2019/winter", "2020", "2020/a/b"]
-N_PHOTOS = 6 * len(FOLDERS) + 2  # + the truncated file + the photo without faces
+N_PHOTOS = 6 * len(FOLDERS) + 4  # + three bad files + the photo without faces
+BAD = {"2019/broken.jpg": "cannot decode", "2019/winter/notes.jpg": "", "2020/a/bomb.png": "pixels"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,7 +74,22 @@ def tree(tmp_path_factory):
             k += 1
     Image.fromarray(np.full((120, 160, 3), 90, np.uint8)).save(root / "2020" / "empty.png")
     (root / "2019" / "broken.jpg").write_bytes((root / "2019" / "IMG_0000.jpg").read_bytes()[:500])
+    (root / "2019" / "winter" / "notes.jpg").write_text("scanned by grandpa, 1987\n")
+    _png_bomb(root / "2020" / "a" / "bomb.png")
     return root
+
+
+def _png_bomb(path: Path, side: int = 40000) -> None:
+    """A valid PNG header declaring side² pixels (refused before any pixel is decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+                     + chunk(b"IEND", b""))
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -116,21 +133,23 @@ def reference(tree, model_dir, tmp_path_factory):
 def test_tree_is_mirrored_and_every_photo_reported_once(reference, tree):
     out, rows, err = reference
     written = _files(out)
-    assert len(written) == N_PHOTOS - 1
+    assert len(written) == N_PHOTOS - len(BAD)
     for folder in FOLDERS:  # same names in every folder, no collision
         for i in range(6):
             assert f"{folder}/IMG_{i:04d}.png".lstrip("/") in written
     assert "2020/empty.png" in written
     assert [r["input"] for r in rows] == sorted(str(p) for p in tree.rglob("*") if p.is_file())
     by_name = {Path(r["input"]).relative_to(tree).as_posix(): r for r in rows}
-    broken = by_name["2019/broken.jpg"]
-    assert broken["output"] is None and broken["faces"] == []
-    assert broken["error"].startswith(str(tree / "2019" / "broken.jpg")) and "cannot decode" in broken["error"]
+    for name, reason in BAD.items():  # reported by name, with the reason; the others still ran
+        bad = by_name[name]
+        assert bad["output"] is None and bad["faces"] == [], name
+        assert bad["error"].startswith(str(tree / name)) and reason in bad["error"], bad["error"]
+        assert bad["error"] in err
     assert by_name["2020/empty.png"]["faces"] == [] and by_name["2020/empty.png"]["error"] is None
     assert by_name["2020/empty.png"]["output"] == "2020/empty.png"
     with_faces = [r for n, r in by_name.items() if n.rsplit("/", 1)[-1].startswith("IMG_")]
-    assert len(with_faces) == N_PHOTOS - 2 and all(len(r["faces"]) == 1 for r in with_faces)
-    assert "broken.jpg: cannot decode" in err and "empty.png: no face found" in err
+    assert len(with_faces) == N_PHOTOS - len(BAD) - 1 and all(len(r["faces"]) == 1 for r in with_faces)
+    assert "empty.png: no face found" in err
     # the photo without faces is written unchanged
     np.testing.assert_array_equal(np.asarray(Image.open(out / "2020" / "empty.png")),
                                   np.asarray(Image.open(tree / "2020" / "empty.png")))
@@ -244,6 +263,7 @@ def test_output_folder_inside_the_input_tree_is_not_scanned(tree, model_dir, tmp
 
     src = tmp_path / "src"
     shutil.copytree(tree / "2020", src)
+    (src / "a" / "bomb.png").unlink()
     for _ in range(2):  # the second run would see the first run's outputs if OUT were scanned
         rc, err = _restore(src, "-o", src / "restored", "--model", model_dir, "--skip-existing")
         assert rc == 0, err
@@ -323,7 +343,7 @@ def test_ray_crashed_worker_is_restarted_and_its_photos_retried(reference, tree,
     finally:
         ray.shutdown()
     assert (tmp_path / "crashed").exists(), "the worker really crashed"
-    assert stats.lost == [] and stats.photos == len(jobs) == 19
+    assert stats.lost == [] and stats.photos == len(jobs) == 20
     expected = {r["input"]: r for r in rows if r["input"].startswith(str(tree / "2019") + "/")}
     assert sorted(r["input"] for r in got) == sorted(expected)
     def detections(row: dict) -> list[dict]:  # the CLI also scores identity per face (issue 17); this restorer does not
@@ -335,3 +355,20 @@ def test_ray_crashed_worker_is_restarted_and_its_photos_retried(reference, tree,
         assert (rel and "2019/" + rel, r["error"], detections(r)) == (want["output"], want["error"], detections(want))
     assert {f"2019/{k}": v for k, v in _files(tmp_path / "out").items()} == {
         k: v for k, v in _files(out).items() if k.startswith("2019/")}
+
+
+def test_aligned_crops_stream_their_rows(faces, model_dir, tmp_path):
+    """--aligned with a .jsonl report: a row per crop as it is written (mirrored tree, a bad crop named)."""
+    src = tmp_path / "crops"
+    (src / "set1").mkdir(parents=True)
+    for i, f in enumerate(faces[:3]):
+        Image.fromarray(f).save(src / ("set1" if i else ".") / f"face{i}.png")
+    Image.fromarray(faces[3][:, :40]).save(src / "set1" / "wide.png")  # not square: refused by name
+    rc, err = _restore(src, "-o", tmp_path / "out", "--aligned", "--model", model_dir, "--batch-size", "2",
+                       "--report", tmp_path / "run.jsonl")
+    assert rc == 1, err
+    rows = _rows(tmp_path / "run.jsonl", out=tmp_path / "out")
+    assert [(Path(r["input"]).relative_to(src).as_posix(), r["output"], r["faces"]) for r in rows] == [
+        ("face0.png", "face0.png", []), ("set1/face1.png", "set1/face1.png", []),
+        ("set1/face2.png", "set1/face2.png", []), ("set1/wide.png", None, [])]
+    assert [r["error"] is None for r in rows] == [True, True, True, False] and "square" in rows[3]["error"]
