@@ -136,7 +136,7 @@ def model_resolution_from_args(args) -> int:
     from .common import CLIError, resolve_backend
 
     if resolve_backend(args) != "torch":
-        from ..runtime.exported import read_manifest
+        from ..io.onnx_format import read_manifest
 
         return int(read_manifest(args.model)["resolution"])
     from ..io.model_folders import read_model_folder
