@@ -151,6 +151,11 @@ def collect_inputs(items: Iterable[str | os.PathLike], extensions: Sequence[str]
                 photos.append(InputPhoto(m, rel))
         else:
             problems.append(f"{p}: no such file or folder")
+    return unique_photos(photos), problems
+
+
+def unique_photos(photos: Iterable[InputPhoto]) -> list[InputPhoto]:
+    """``photos`` without later entries naming a file already listed (by resolved path), order kept."""
     seen: set[Path] = set()
     unique = []
     for ph in photos:
@@ -158,7 +163,7 @@ def collect_inputs(items: Iterable[str | os.PathLike], extensions: Sequence[str]
         if key not in seen:
             seen.add(key)
             unique.append(ph)
-    return unique, problems
+    return unique
 
 
 def read_input_list(source: str | os.PathLike) -> tuple[list[Path], Path]:

@@ -186,7 +186,7 @@ def plan_outputs(files: list, out_dir: Path, args) -> tuple[list[tuple[Path, Pat
 
 def _collect(args, out_dir: Path, extensions) -> tuple[list, list[str]]:
     """The inputs of the command line and of ``--input-list``, duplicates dropped."""
-    from ..batch.inputs import collect_inputs, read_input_list
+    from ..batch.inputs import collect_inputs, read_input_list, unique_photos
 
     photos, problems = collect_inputs(args.inputs, extensions, recursive=True, exclude=[out_dir])
     if args.input_list:
@@ -195,13 +195,7 @@ def _collect(args, out_dir: Path, extensions) -> tuple[list, list[str]]:
                                              list_root=root)
         photos += more
         problems += more_problems
-    seen, unique = set(), []
-    for ph in photos:
-        key = ph.path.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(ph)
-    return unique, problems
+    return unique_photos(photos), problems
 
 
 def run(args) -> int:

