@@ -67,7 +67,7 @@ def test_restore_matches_python_api(model_dir, inputs, tmp_path):
     out = tmp_path / "o"
     assert main(["restore", str(inputs / "face0.png"), "-o", str(out), "--aligned", "--model", str(model_dir)]) == 0
     pipe = OSDFacePipeline.from_pretrained(model_dir)
-    expected = pipe(np.asarray(Image.open(inputs / "face0.png")), output_type="np").images[0]
+    expected = pipe(np.asarray(Image.open(inputs / "face0.png")), output_type="uint8").images[0]
     assert np.array_equal(np.asarray(Image.open(out / "face0.png")), expected)
 
 

@@ -107,8 +107,8 @@ def test_latent_sample_refused_generator_ignored(backend, dynamic_dir, make_face
     with pytest.raises(InvalidSettingError, match="posterior mode only") as e:
         runner(faces, latent="sample", generator=torch.Generator().manual_seed(0))
     assert "\n" not in str(e.value)
-    plain = runner(faces, output_type="np").images
-    seeded = runner(faces, output_type="np", latent="mode", generator=torch.Generator().manual_seed(7)).images
+    plain = runner(faces, output_type="uint8").images
+    seeded = runner(faces, output_type="uint8", latent="mode", generator=torch.Generator().manual_seed(7)).images
     assert np.array_equal(plain, seeded)
 
 
@@ -126,8 +126,8 @@ def test_external_data(backend, pipe, external_dir, tmp_path, make_faces):
         assert g["external_data"]["sha256"] == sha256_file(external_dir / g["external_data"]["file"])
         assert (external_dir / g["file"]).stat().st_size < (external_dir / g["external_data"]["file"]).stat().st_size
     faces = make_faces(1)
-    diff = ENGINES[backend].from_folder(external_dir)(faces, output_type="np").images.astype(int) \
-        - pipe(faces, output_type="np").images.astype(int)
+    diff = ENGINES[backend].from_folder(external_dir)(faces, output_type="uint8").images.astype(int) \
+        - pipe(faces, output_type="uint8").images.astype(int)
     assert np.abs(diff).max() <= 1
     folder = tmp_path / "copy"
     shutil.copytree(external_dir, folder)
@@ -214,11 +214,13 @@ def test_runner_call_matches_pipeline_knobs(backend, pipe, dynamic_dir, make_fac
     runner = ENGINES[backend].from_folder(dynamic_dir)
     faces = make_faces(2)
     for kw in ({"fidelity": 0.5}, {"latent_strength": 0.6}):
-        (got,) = runner(image=faces, output_type="np", return_dict=False, **kw)
-        ref = pipe(image=faces, output_type="np", **kw).images
+        (got,) = runner(image=faces, output_type="uint8", return_dict=False, **kw)
+        ref = pipe(image=faces, output_type="uint8", **kw).images
         assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
-    plain = runner(image=faces, output_type="np").images
-    assert np.array_equal(runner(image=faces, output_type="np", fidelity=0.0, timestep=runner.timestep).images, plain)
+    npf = runner(image=faces, output_type="np").images  # diffusers' float32 (B, H, W, 3) in [0, 1]
+    assert npf.dtype == np.float32 and np.abs(npf - pipe(image=faces, output_type="np").images).max() <= 1e-4
+    plain = runner(image=faces, output_type="uint8").images
+    assert np.array_equal(runner(image=faces, output_type="uint8", fidelity=0.0, timestep=runner.timestep).images, plain)
     with pytest.raises(InvalidSettingError, match="this export runs t = 399 only") as e:
         runner(image=faces, timestep=200)
     assert "\n" not in str(e.value)

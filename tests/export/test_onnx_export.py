@@ -76,8 +76,8 @@ def test_runner_matches_pipeline(pipe, static_dir, dynamic_dir, which, make_face
     runner = OnnxRuntimePipeline.from_folder(static_dir if which == "static" else dynamic_dir)
     assert runner.providers[-1] == "CPUExecutionProvider"
     faces = make_faces(3)
-    ref = pipe(faces, output_type="np")
-    got = runner(faces, output_type="np")
+    ref = pipe(faces, output_type="uint8")
+    got = runner(faces, output_type="uint8")
     assert got.images.dtype == np.uint8 and got.images.shape == ref.images.shape
     assert np.abs(got.images.astype(int) - ref.images.astype(int)).max() <= 1
     assert torch.equal(got.prompt_indices, ref.prompt_indices)
@@ -91,7 +91,7 @@ def test_runner_resizes_like_the_pipeline(pipe, dynamic_dir, make_faces):
     faces = make_faces(1, seed=2)
     faces = torch.nn.functional.interpolate(faces, size=(48, 48), mode="bilinear", align_corners=False)
     runner = OnnxRuntimePipeline.from_folder(dynamic_dir)
-    diff = runner(faces, output_type="np").images.astype(int) - pipe(faces, output_type="np").images.astype(int)
+    diff = runner(faces, output_type="uint8").images.astype(int) - pipe(faces, output_type="uint8").images.astype(int)
     assert np.abs(diff).max() <= 1
 
 
@@ -102,8 +102,8 @@ def test_cli_round_trip(pipe, model_dir, tmp_path, capsys, make_faces):
     assert sorted(p.name for p in out.iterdir()) == sorted([*GRAPH_FILES.values(), MANIFEST_NAME])
     assert "wrote" in capsys.readouterr().out
     faces = make_faces(2)
-    diff = OnnxRuntimePipeline.from_folder(out)(faces, output_type="np").images.astype(int) \
-        - pipe(faces, output_type="np").images.astype(int)
+    diff = OnnxRuntimePipeline.from_folder(out)(faces, output_type="uint8").images.astype(int) \
+        - pipe(faces, output_type="uint8").images.astype(int)
     assert np.abs(diff).max() <= 1
 
 
@@ -116,7 +116,7 @@ def test_cli_fp16(model_dir, tmp_path, make_faces):
     assert m["graphs"]["prompt_encoder"]["outputs"][1]["dtype"] == "int64"
     runner = OnnxRuntimePipeline.from_folder(out)
     assert runner.dtype == torch.float16
-    images = runner(make_faces(1), output_type="np").images
+    images = runner(make_faces(1), output_type="uint8").images
     assert images.shape == (1, TINY_RESOLUTION, TINY_RESOLUTION, 3)
 
 

@@ -52,8 +52,8 @@ def test_ir_manifest(dynamic_dir, ir_dirs):
 
 def test_float_ir_equals_the_onnx_folder(dynamic_dir, ir_dirs, make_faces):
     faces = make_faces(3)
-    a = OpenVinoPipeline.from_folder(dynamic_dir)(faces, output_type="np").images
-    b = OpenVinoPipeline.from_folder(ir_dirs[0])(faces, output_type="np").images
+    a = OpenVinoPipeline.from_folder(dynamic_dir)(faces, output_type="uint8").images
+    b = OpenVinoPipeline.from_folder(ir_dirs[0])(faces, output_type="uint8").images
     assert np.array_equal(a, b)
 
 

@@ -37,8 +37,8 @@ def test_runner_matches_pipeline(pipe, static_dir, dynamic_dir, which, make_face
     runner = OpenVinoPipeline.from_folder(static_dir if which == "static" else dynamic_dir)
     assert runner.ov_device == "CPU"
     faces = make_faces(3)
-    ref = pipe(faces, output_type="np")
-    got = runner(faces, output_type="np")
+    ref = pipe(faces, output_type="uint8")
+    got = runner(faces, output_type="uint8")
     assert got.images.dtype == np.uint8 and got.images.shape == ref.images.shape
     assert np.abs(got.images.astype(int) - ref.images.astype(int)).max() <= 1
     assert got.prompt_indices.dtype == torch.int64 and torch.equal(got.prompt_indices, ref.prompt_indices)
@@ -49,7 +49,7 @@ def test_runner_matches_pipeline(pipe, static_dir, dynamic_dir, which, make_face
 def test_runner_resizes_like_the_pipeline(pipe, dynamic_dir, make_faces):
     faces = torch.nn.functional.interpolate(make_faces(1, seed=2), size=(48, 48), mode="bilinear", align_corners=False)
     runner = OpenVinoPipeline.from_folder(dynamic_dir)
-    diff = runner(faces, output_type="np").images.astype(int) - pipe(faces, output_type="np").images.astype(int)
+    diff = runner(faces, output_type="uint8").images.astype(int) - pipe(faces, output_type="uint8").images.astype(int)
     assert np.abs(diff).max() <= 1
 
 
@@ -65,8 +65,8 @@ def test_fp16_export(pipe, model_dir, tmp_path, make_faces):
     assert main(["export-onnx", str(model_dir), "-o", str(tmp_path / "fp16"), "--fp16"]) == 0
     runner = OpenVinoPipeline.from_folder(tmp_path / "fp16")
     assert runner.dtype == torch.float16
-    images = runner(make_faces(1), output_type="np").images
-    ref = pipe(make_faces(1), output_type="np").images
+    images = runner(make_faces(1), output_type="uint8").images
+    ref = pipe(make_faces(1), output_type="uint8").images
     assert images.shape == ref.shape
     assert np.abs(images.astype(int) - ref.astype(int)).max() <= 8  # float16 graphs, float32 reference
 

@@ -207,6 +207,6 @@ def test_heap_trimming_between_stages_keeps_outputs():
     pipe = tiny_pipeline(1)
     faces = synthetic_faces(2, seed=5)
     pipe.set_heap_trimming(False)
-    plain = pipe(faces, output_type="np").images
+    plain = pipe(faces, output_type="uint8").images
     pipe.set_heap_trimming(True)
-    assert (pipe(faces, output_type="np").images == plain).all()
+    assert (pipe(faces, output_type="uint8").images == plain).all()

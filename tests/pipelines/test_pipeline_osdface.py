@@ -74,10 +74,15 @@ def test_input_types_agree_and_output_types(tiny_pipe, faces):
     b = tiny_pipe([Image.fromarray(f) for f in faces[:2]]).images
     c = tiny_pipe(list(faces[:2])).images
     assert torch.equal(a, b) and torch.equal(a, c)
+    # "np": diffusers' float32 (B, H, W, 3) in [0, 1], the "pt" values themselves (issue 17)
     np_out = tiny_pipe(faces[:2], output_type="np").images
-    assert np_out.dtype == np.uint8 and np_out.shape == (2, 64, 64, 3)
-    assert np.array_equal(np_out, np.round(a.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8))
-    trunc = tiny_pipe(faces[:2], output_type="np", rounding="truncate").images
+    assert isinstance(np_out, np.ndarray) and np_out.dtype == np.float32 and np_out.shape == (2, 64, 64, 3)
+    assert np.array_equal(np_out, a.permute(0, 2, 3, 1).numpy())
+    assert np_out.min() >= 0.0 and np_out.max() <= 1.0 and np.unique(np_out * 255 % 1).size > 2  # not levels
+    u8 = tiny_pipe(faces[:2], output_type="uint8").images
+    assert u8.dtype == np.uint8 and u8.shape == (2, 64, 64, 3)
+    assert np.array_equal(u8, np.round(a.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8))
+    trunc = tiny_pipe(faces[:2], output_type="uint8", rounding="truncate").images
     assert np.array_equal(trunc, np.floor(a.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8))
     pil = tiny_pipe(faces[0], output_type="pil").images
     assert isinstance(pil[0], Image.Image) and pil[0].size == (64, 64) and pil[0].mode == "RGB"

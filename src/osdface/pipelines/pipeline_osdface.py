@@ -122,8 +122,14 @@ def blend_fidelity(restored: torch.Tensor, lq: torch.Tensor, fidelity: float) ->
 
 
 def _convert_output(out: torch.Tensor, output_type: OutputType, rounding: Literal["round", "truncate"]) -> Any:
-    """``(B, 3, H, W)`` float in [0, 1] → the requested output type (``"pt"``: ``out`` itself)."""
-    if output_type in ("np", "uint8"):  # "uint8": the explicit name ("np" may become float, as diffusers)
+    """``(B, 3, H, W)`` float in [0, 1] → the requested output type (``"pt"``: ``out`` itself).
+
+    ``"np"`` follows diffusers (``VaeImageProcessor.pt_to_numpy``): float32 ``(B, H, W, 3)`` in
+    [0, 1], no rounding; ``"uint8"`` and ``"pil"`` are rounded as ``rounding`` says.
+    """
+    if output_type == "np":
+        return out.detach().float().clamp(0.0, 1.0).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    if output_type == "uint8":
         return to_uint8(out, rounding)
     if output_type == "pil":
         return to_pil(out, rounding)
@@ -448,11 +454,13 @@ class OSDFacePipeline:
             image: a ``(B, 3, H, W)`` float tensor in [0, 1], a PIL image, a uint8 ``(H, W, 3)``
                 array, or a list of those; square, any size (resized to ``resolution``).
                 ``images=`` is accepted as the old name.
-            output_type: ``"pt"`` (float tensor in [0, 1], on the pipeline device), ``"uint8"``
-                (uint8 ``(B, H, W, 3)``), ``"np"`` (today: the same uint8 array) or ``"pil"``.
+            output_type: ``"pt"`` (float tensor ``(B, 3, H, W)`` in [0, 1], on the pipeline device),
+                ``"np"`` (float32 array ``(B, H, W, 3)`` in [0, 1], as diffusers), ``"uint8"`` (uint8
+                array ``(B, H, W, 3)``) or ``"pil"`` (list of RGB images). Changed in issue 17:
+                ``"np"`` used to return the uint8 array; code that wants bytes asks for ``"uint8"``.
             latent: ``"mode"`` (deterministic) or ``"sample"`` (official behaviour; use ``generator``).
             generator: RNG for ``latent="sample"``.
-            rounding: float → uint8 for ``"np"``/``"pil"``: ``"round"`` or ``"truncate"`` (official).
+            rounding: float → uint8 for ``"uint8"``/``"pil"``: ``"round"`` or ``"truncate"`` (official).
             return_dict: ``True``: an :class:`OSDFacePipelineOutput`; ``False``: the tuple ``(images,)``.
             fidelity: W in [0, 1]: 0 (default) the model's output, bit for bit; 1 the input
                 (docs/fidelity.md).
