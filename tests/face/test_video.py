@@ -1,23 +1,29 @@
-"""Video restoration: frames, frame rate, audio, landmark smoothing."""
+"""Video restoration through imageio-ffmpeg: frames, frame rate, audio, rotation, landmark smoothing."""
 
 import contextlib
 import io
 import json
+import re
 import subprocess
+import wave
+from fractions import Fraction
 
 import cv2
+import imageio_ffmpeg
 import numpy as np
 import pytest
 
 from osdface.cli import main
+from osdface.face import FaceRestorer
 from osdface.face.types import Detection
 from osdface.face.video import (
     LandmarkSmoother,
     OneEuroFilter,
-    find_ffmpeg,
-    has_audio,
+    exact_fps,
+    ffmpeg_exe,
     probe_video,
     read_frames,
+    restore_video,
 )
 
 N_FRAMES, FPS, SIZE = 6, 12.0, 192
@@ -28,29 +34,45 @@ def _frames(astronaut):
     return [np.roll(base, (i, 2 * i), axis=(0, 1)) for i in range(N_FRAMES)]
 
 
+def _sine_wav(path, seconds, rate=8000):
+    """A 440 Hz mono 16-bit WAV (the audio track of the test clip)."""
+    t = np.arange(int(seconds * rate)) / rate
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes((np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2").tobytes())
+
+
+def _write_lossless(path, frames, fps, audio=None):
+    """H.264 lossless (qp 0, 4:4:4) through imageio-ffmpeg's writer, with an AAC track from ``audio``."""
+    h, w = frames[0].shape[:2]
+    kw = {"audio_path": str(audio), "audio_codec": "aac"} if audio is not None else {}
+    gen = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv444p",
+                                      quality=None, output_params=["-qp", "0"], macro_block_size=1,
+                                      ffmpeg_log_level="error", **kw)
+    gen.send(None)
+    for f in frames:
+        gen.send(np.ascontiguousarray(f))
+    gen.close()
+
+
+def _streams(path) -> str:
+    """ffmpeg's own description of a file's streams (``ffmpeg -i``; it exits 1 without an output)."""
+    r = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True, check=False)
+    return r.stderr
+
+
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory, astronaut):
-    """A short real clip: the astronaut drifting, with a sine audio track when ffmpeg is available."""
+    """A short real clip: the astronaut drifting, with a sine audio track."""
     d = tmp_path_factory.mktemp("video")
-    path = d / "clip.mp4"
-    frames = _frames(astronaut)
-    ffmpeg = find_ffmpeg()
-    if ffmpeg:
-        cmd = [ffmpeg, "-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
-               "-s", f"{SIZE}x{SIZE}", "-r", str(FPS), "-i", "-", "-f", "lavfi", "-i",
-               f"sine=frequency=440:duration={N_FRAMES / FPS}", "-c:v", "libx264", "-qp", "0",
-               "-pix_fmt", "yuv444p", "-c:a", "aac", "-shortest", str(path)]
-        subprocess.run(cmd, input=b"".join(f.tobytes() for f in frames), check=True)
-    else:
-        w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (SIZE, SIZE))
-        for f in frames:
-            w.write(f[..., ::-1].copy())
-        w.release()
-    return path, ffmpeg
+    _sine_wav(d / "tone.wav", N_FRAMES / FPS)
+    _write_lossless(d / "clip.mp4", _frames(astronaut), FPS, audio=d / "tone.wav")
+    return d / "clip.mp4"
 
 
 def test_video_cli_restores_every_frame_keeps_fps_and_audio(clip, tiny_model_dir, tmp_path):
-    path, ffmpeg = clip
+    path = clip
+    assert "Audio: aac" in _streams(path)
     out = tmp_path / "out"
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
@@ -70,11 +92,58 @@ def test_video_cli_restores_every_frame_keeps_fps_and_audio(clip, tiny_model_dir
     assert min(centre) > 4, centre
     far = [d[150:, :60].mean() for d in diff]
     assert max(far) < 6 and max(far) < 0.5 * min(centre), (far, centre)  # H.264 4:2:0 noise only
-    if ffmpeg:
-        assert has_audio(path, ffmpeg) and has_audio(result, ffmpeg), "source audio is kept"
+    # the source's audio stream is in the output (AAC copied), as ffmpeg itself sees the file
+    assert info.audio_codec == "aac" and "Audio: aac" in _streams(result)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "no temporary file left"
     report = json.loads((tmp_path / "r.json").read_text())
     faces = report["images"][0]["faces"]
     assert sorted({f["frame"] for f in faces}) == list(range(N_FRAMES)), "a face in every frame"
+
+
+def test_rotated_clip_is_restored_upright(astronaut, tiny_pipe, yunet, tmp_path):
+    """A clip stored sideways with a 90° display rotation (a phone video) reaches the face layer
+    upright (ffmpeg applies the rotation while decoding) and is written upright with no rotation
+    tag, so it displays as the source does; a clip without audio gets none."""
+    upright = [f[:, 32:160] for f in _frames(astronaut)]  # 128 wide, 192 tall; the face stays inside
+    stored = tmp_path / "stored.mp4"
+    _write_lossless(stored, [np.rot90(f, k=-1) for f in upright], FPS)  # stored 192 wide, 128 tall
+    rotated = tmp_path / "rotated.mp4"
+    subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-display_rotation", "90",
+                    "-i", str(stored), "-c", "copy", str(rotated)], check=True)
+    assert "Display Matrix: rotation of 90" in _streams(rotated)
+    info = probe_video(rotated)
+    assert (info.width, info.height, info.coded_size) == (128, 192, (192, 128))
+    assert info.audio_codec is None and info.frames == N_FRAMES
+    got = list(read_frames(rotated))
+    assert len(got) == N_FRAMES  # upright, up to the RGB → YUV → RGB rounding of the lossless codec
+    assert all(np.abs(g.astype(int) - u).max() <= 2 for g, u in zip(got, upright))
+
+    restorer = FaceRestorer(tiny_pipe, detector=yunet, batch_size=N_FRAMES)
+    vr = restore_video(restorer, rotated, tmp_path / "out.mp4")
+    assert vr.frames == N_FRAMES and vr.failed_frames == 0 and not vr.audio
+    assert all(len(d) == 1 for d in vr.faces_per_frame), "the face is found in every (upright) frame"
+    out = probe_video(tmp_path / "out.mp4")
+    assert (out.width, out.height, out.coded_size) == (128, 192, (128, 192)), "stored upright"
+    assert out.fps == pytest.approx(FPS, rel=1e-3) and out.audio_codec is None
+    text = _streams(tmp_path / "out.mp4")
+    assert "Display Matrix" not in text and not re.search(r"rotate\s*:", text) and "Audio:" not in text
+    written = list(read_frames(tmp_path / "out.mp4"))
+    far = [np.abs(w[150:, :40].astype(int) - u[150:, :40]).mean() for w, u in zip(written, upright)]
+    assert len(written) == N_FRAMES and max(far) < 6, far  # same orientation as the upright source
+
+
+def test_unreadable_video_named(tmp_path):
+    (tmp_path / "text.mp4").write_text("not a video")
+    with pytest.raises(ValueError, match=r"text\.mp4: cannot open video \(.*Invalid data"):
+        probe_video(tmp_path / "text.mp4")
+    with pytest.raises(ValueError, match=r"missing\.mp4: cannot open video \(.*No such file"):
+        list(read_frames(tmp_path / "missing.mp4"))
+
+
+def test_exact_fps_keeps_ntsc_rates():
+    assert exact_fps(29.97) == Fraction(30000, 1001) and exact_fps(23.98) == Fraction(24000, 1001)
+    assert exact_fps(59.94) == Fraction(60000, 1001)
+    assert exact_fps(12.0) == 12 and exact_fps(25.0) == 25 and exact_fps(30.0) == 30
 
 
 def test_one_euro_filter_smooths_jitter_but_follows_motion():

@@ -1,27 +1,34 @@
 """Video restoration: every frame through the face layer, with landmark smoothing across frames.
 
-* Frames are read with OpenCV ``VideoCapture``; the frame rate is kept.
+* Frames are read and written with imageio-ffmpeg's maintained reader and writer
+  (:func:`imageio_ffmpeg.read_frames` / :func:`imageio_ffmpeg.write_frames`, the ``face`` extra; the
+  ffmpeg binary is the wheel's own, or ``$IMAGEIO_FFMPEG_EXE``).
+* Frame rate: kept (the reader's rate; NTSC rates such as 29.97 are written as 30000/1001).
+* Rotation: ffmpeg applies a clip's rotation (display matrix / ``rotate`` tag) while decoding
+  (``-autorotate``), so frames reach the face layer upright (faces are found in upright frames)
+  and are written upright, with no rotation tag: the output displays as the source does.
+* Audio: the source's first audio track is muxed into the output (copied when the codec fits MP4,
+  AAC otherwise), cut to the video's length.
 * Faces are tracked frame to frame by box IoU; each track's landmarks (and box) go through a
   One-Euro filter (Casiez et al., CHI 2012) in face-size-normalised units, so the alignment
   does not jitter when the face is still and still follows fast motion (field.md theme 5).
-* Output: when an ``ffmpeg`` binary is available (``$PATH`` or the ``imageio-ffmpeg`` wheel), the
-  frames are encoded to H.264 and the source's audio track (if any) is copied in; otherwise
-  OpenCV writes MPEG-4 video without audio and a warning says so. The file appears atomically.
+* Output: H.264 (CRF 18, yuv420p, sides rounded down to even), written to a temporary file that
+  replaces ``dst`` only once complete (:func:`osdface.utils.io.atomic_path`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from ..errors import InvalidSettingError
 from ..utils.io import atomic_path
 from ..utils.logging import get_logger
 from .types import Detection
@@ -30,22 +37,36 @@ logger = get_logger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 
+#: audio codecs copied into the MP4 output as they are; others are re-encoded to AAC
+MP4_AUDIO_CODECS = ("aac", "mp3", "ac3", "eac3", "alac", "opus")
+#: the frame rate used when the reader reports none (some streams carry no rate)
+DEFAULT_FPS = 25.0
 
-def find_ffmpeg() -> str | None:
-    """Path of an ffmpeg binary: ``$OSDFACE_FFMPEG``, ``$PATH``, then the imageio-ffmpeg wheel."""
-    env = os.environ.get("OSDFACE_FFMPEG")
-    if env:
-        return env if Path(env).is_file() else None
-    exe = shutil.which("ffmpeg")
-    if exe:
-        return exe
+
+def _imageio_ffmpeg():
+    """The ``imageio_ffmpeg`` module, or :class:`InvalidSettingError` naming the extra to install."""
     try:
         import imageio_ffmpeg
+    except ImportError:
+        raise InvalidSettingError(
+            "reading and writing videos needs the 'imageio-ffmpeg' package: pip install 'osdface[face]'"
+        ) from None
+    return imageio_ffmpeg
 
-        exe = imageio_ffmpeg.get_ffmpeg_exe()
-        return exe if exe and Path(exe).is_file() else None
-    except (ImportError, RuntimeError, OSError):  # not installed, or its binary is missing
-        return None
+
+def ffmpeg_exe() -> str:
+    """Path of the ffmpeg binary imageio-ffmpeg runs (its wheel's, or ``$IMAGEIO_FFMPEG_EXE``)."""
+    return _imageio_ffmpeg().get_ffmpeg_exe()
+
+
+def exact_fps(fps: float) -> Fraction:
+    """The frame rate as a fraction: NTSC rates (ffmpeg prints 30000/1001 as ``29.97``) exactly,
+    others as the closest small fraction."""
+    for base in (24, 30, 48, 60, 120):
+        ntsc = Fraction(base * 1000, 1001)
+        if abs(fps - float(ntsc)) < 0.006:
+            return ntsc
+    return Fraction(fps).limit_denominator(1001)
 
 
 class OneEuroFilter:
@@ -144,89 +165,87 @@ class LandmarkSmoother:
 
 @dataclass
 class VideoInfo:
+    """What the reader reports about a clip (:func:`probe_video`).
+
+    ``width`` × ``height`` is the size of the frames :func:`read_frames` yields, i.e. upright (after
+    the rotation ffmpeg applies); ``coded_size`` is the stream's stored ``(width, height)``, which
+    differs for a clip rotated by ±90°. ``frames`` is ``round(fps × duration)``, an estimate (0
+    when either is unknown). ``audio_codec`` is the first audio track's codec, ``None`` without one.
+    """
+
     fps: float
     width: int
     height: int
     frames: int
+    coded_size: tuple[int, int] = (0, 0)
+    audio_codec: str | None = None
+
+
+def _open_reader(path: str | os.PathLike) -> tuple[Iterator[bytes], dict]:
+    """imageio-ffmpeg's frame generator (upright RGB24 frames) and its metadata; ``ValueError``
+    naming ``path`` when ffmpeg cannot open it or it has no video stream."""
+    reader = _imageio_ffmpeg().read_frames(str(path), pix_fmt="rgb24", input_params=["-autorotate"])
+    try:
+        meta = next(reader)
+    except OSError as e:  # imageio-ffmpeg: "Could not load meta information" + ffmpeg's log, whose last line says why
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"{path}: cannot open video ({lines[-1] if lines else type(e).__name__})") from None
+    return reader, meta
+
+
+def _info(meta: dict) -> VideoInfo:
+    fps = float(meta.get("fps") or 0.0)
+    if not math.isfinite(fps) or fps <= 0:
+        fps = DEFAULT_FPS
+    w, h = meta["size"]
+    duration = float(meta.get("duration") or 0.0)
+    return VideoInfo(fps, int(w), int(h), int(round(fps * duration)) if duration > 0 else 0,
+                     tuple(meta.get("source_size", (w, h))), meta.get("audio_codec"))
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Frame rate, size and (approximate) frame count; raises ValueError if OpenCV cannot open it."""
-    cap = cv2.VideoCapture(str(path))
-    try:
-        if not cap.isOpened():
-            raise ValueError(f"{path}: cannot open video")
-        fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
-        if not math.isfinite(fps) or fps <= 0:
-            fps = 25.0
-        return VideoInfo(fps, int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
-                         int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
-    finally:
-        cap.release()
+    """Frame rate, upright size, estimated frame count and audio codec of a clip (reads the header
+    only); ``ValueError`` naming ``path`` when ffmpeg cannot open it."""
+    reader, meta = _open_reader(path)
+    reader.close()
+    return _info(meta)
 
 
 def read_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
-    """Yield ``(H, W, 3)`` uint8 RGB frames."""
-    from ..image import bgr_to_rgb
-
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise ValueError(f"{path}: cannot open video")
+    """Yield ``(H, W, 3)`` uint8 RGB frames, upright (ffmpeg applies the clip's rotation)."""
+    reader, meta = _open_reader(path)
+    w, h = meta["size"]
     try:
-        while True:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            yield bgr_to_rgb(frame)
+        for raw in reader:
+            yield np.frombuffer(raw, np.uint8).reshape(h, w, 3).copy()  # writable, as the face layer expects
     finally:
-        cap.release()
-
-
-def has_audio(path: str | os.PathLike, ffmpeg: str | None) -> bool:
-    if not ffmpeg:
-        return False
-    r = subprocess.run([ffmpeg, "-hide_banner", "-i", str(path)], capture_output=True, text=True, check=False)
-    return "Audio:" in r.stderr
+        reader.close()
 
 
 class _VideoWriter:
-    """H.264 (+ audio from ``audio_src``) through ffmpeg, else MPEG-4 through OpenCV."""
+    """H.264 frames (+ the audio of ``audio_src``) through :func:`imageio_ffmpeg.write_frames`."""
 
-    def __init__(self, path: Path, fps: float, size: tuple[int, int], ffmpeg: str | None,
-                 audio_src: Path | None, crf: int = 18) -> None:
+    def __init__(self, path: Path, fps: float, size: tuple[int, int], audio_src: Path | None = None,
+                 audio_codec: str | None = None, crf: int = 18) -> None:
         self.path, self.size = path, size
-        self.proc = None
-        self.cv = None
-        w, h = size
-        if ffmpeg:
-            cmd = [ffmpeg, "-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
-                   "-s", f"{w}x{h}", "-r", f"{fps:.6f}", "-i", "-"]
-            if audio_src is not None:
-                cmd += ["-i", str(audio_src), "-map", "0:v:0", "-map", "1:a?", "-c:a", "aac", "-shortest"]
-            even = "scale=trunc(iw/2)*2:trunc(ih/2)*2"  # yuv420p needs even sides
-            cmd += ["-vf", even, "-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p", str(path)]
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-        else:
-            self.cv = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-            if not self.cv.isOpened():
-                raise RuntimeError(f"{path}: OpenCV cannot open a video writer")
+        params = ["-crf", str(crf), "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2"]  # yuv420p needs even sides
+        audio = {}
+        if audio_src is not None:
+            audio = {"audio_path": str(audio_src), "audio_codec": "copy" if audio_codec in MP4_AUDIO_CODECS else "aac"}
+            params += ["-shortest"]
+        self._gen = _imageio_ffmpeg().write_frames(
+            str(path), size, pix_fmt_in="rgb24", pix_fmt_out="yuv420p", fps=exact_fps(fps), quality=None,
+            codec="libx264", macro_block_size=1, ffmpeg_log_level="error", output_params=params, **audio)
+        self._gen.send(None)  # starts ffmpeg
 
     def write(self, rgb: np.ndarray) -> None:
         if rgb.shape[1::-1] != self.size:
             raise ValueError(f"frame size {rgb.shape[1::-1]} != video size {self.size}")
-        if self.proc is not None:
-            self.proc.stdin.write(np.ascontiguousarray(rgb).tobytes())
-        else:
-            self.cv.write(np.ascontiguousarray(rgb[..., ::-1]))
+        self._gen.send(np.ascontiguousarray(rgb, dtype=np.uint8))
 
     def close(self) -> None:
-        if self.proc is not None:
-            self.proc.stdin.close()
-            err = self.proc.stderr.read().decode(errors="replace")
-            if self.proc.wait() != 0:
-                raise RuntimeError(f"ffmpeg failed writing {self.path}: {err.strip()[-500:]}")
-        elif self.cv is not None:
-            self.cv.release()
+        """Finish the file (waits for ffmpeg)."""
+        self._gen.close()
 
 
 @dataclass
@@ -257,10 +276,7 @@ def restore_video(restorer, src: str | os.PathLike, dst: str | os.PathLike, smoo
 
     src, dst = Path(src), Path(dst)
     info = probe_video(src)
-    ffmpeg = find_ffmpeg()
-    audio = has_audio(src, ffmpeg)
-    if ffmpeg is None:
-        logger.warning("%s: no ffmpeg binary found (install imageio-ffmpeg); writing MPEG-4 video without audio", src)
+    audio = info.audio_codec is not None
     smoother = LandmarkSmoother(fps=info.fps) if smooth else None
     frame_dets: list[list[Detection]] = []
     originals: dict[int, np.ndarray] = {}
@@ -295,7 +311,8 @@ def restore_video(restorer, src: str | os.PathLike, dst: str | os.PathLike, smoo
                 else:
                     img = res.image
                 if writer is None:
-                    writer = _VideoWriter(tmp, info.fps, (img.shape[1], img.shape[0]), ffmpeg, src if audio else None)
+                    writer = _VideoWriter(tmp, info.fps, (img.shape[1], img.shape[0]), src if audio else None,
+                                          info.audio_codec)
                 writer.write(img)
                 n += 1
                 if progress is not None:
@@ -305,4 +322,16 @@ def restore_video(restorer, src: str | os.PathLike, dst: str | os.PathLike, smoo
                 writer.close()
         if n == 0:
             raise ValueError(f"{src}: no frames could be read")
+        _check_written(tmp, dst, audio)
     return VideoResult(dst, n, info.fps, frame_dets, audio, failed)
+
+
+def _check_written(tmp: Path, dst: Path, audio: bool) -> None:
+    """The writer does not report ffmpeg's exit status: read the finished file's header back (a
+    video stream, and an audio stream when one was muxed in) before it replaces ``dst``."""
+    try:
+        out = probe_video(tmp)
+    except ValueError:
+        raise RuntimeError(f"ffmpeg failed writing {dst} (its messages are above)") from None
+    if audio and out.audio_codec is None:
+        raise RuntimeError(f"ffmpeg wrote {dst} without the source's audio track (its messages are above)")
