@@ -103,7 +103,7 @@ def test_json_report(client, reference, sample_rgb):
     assert report["input_size"] == [512, 512] and report["output_size"] == [1024, 1024]
     assert report["image_format"] == "png" and report["aligned"] is False
     [face] = report["faces"]
-    assert set(face) == {"box", "score", "landmarks"}
+    assert set(face) == {"box", "score", "landmarks", "identity", "identity_flagged", "kept_original"}
     x0, y0, x1, y1 = face["box"]
     assert 150 < (x0 + x1) / 2 < 300 and 50 < (y0 + y1) / 2 < 200, "the astronaut's face"
     assert len(face["landmarks"]) == 5 and 0 < face["score"] <= 1
@@ -112,8 +112,30 @@ def test_json_report(client, reference, sample_rgb):
     from osdface.face import FaceRestorer
 
     r = reference["photo"]
-    expected = FaceRestorer(r.pipeline, detector=r.detector, upscale=2, color_fix="wavelet").restore(sample_rgb).image
-    assert np.abs(img.astype(int) - expected.astype(int)).max() <= 1
+    expected = FaceRestorer(r.pipeline, detector=r.detector, upscale=2, color_fix="wavelet",
+                            identity="sface").restore(sample_rgb)
+    assert np.abs(img.astype(int) - expected.image.astype(int)).max() <= 1
+    # the identity check of osdface restore (SFace, input crop vs restored crop), face by face
+    [ref_face] = expected.faces
+    assert -1 <= ref_face.identity <= 1 and ref_face.identity < 0.999, "the tiny random model changes the face"
+    assert face["identity"] == pytest.approx(ref_face.identity, abs=2e-4)
+    assert face["identity_flagged"] is False and face["kept_original"] is False
+
+
+def test_json_report_without_identity(tiny_model_dir, sample_rgb):
+    """``osdface serve --no-identity``: the face report carries no identity fields."""
+    from osdface.cli.serve import load_engine
+    from osdface.serve.config import ServeConfig
+
+    live = start_server(load_engine(model_args(tiny_model_dir, "--no-identity"), ServeConfig()))
+    try:
+        resp = httpx.post(f"{live.url}/v1/restore", params={"format": "json"}, content=encode(sample_rgb, "PNG"),
+                          headers={"Content-Type": "image/png"}, timeout=120)
+    finally:
+        live.stop()
+    assert resp.status_code == 200, resp.text
+    [face] = resp.json()["faces"]
+    assert set(face) == {"box", "score", "landmarks"}
 
 
 @pytest.mark.parametrize("size,fmt", [(64, "PNG"), (128, "JPEG"), (64, "WEBP")])

@@ -53,6 +53,9 @@ def add_server_args(p: argparse.ArgumentParser, port: int) -> None:
     f.add_argument("--bg-upsampler", default="lanczos", metavar="NAME|FILE",
                    help="background for upscale > 1: lanczos (default), bicubic, ..., or a Real-ESRGAN RRDBNet .pth")
     f.add_argument("--bg-tile", type=int, default=400, metavar="PX", help="tile size of a background model (0 = none)")
+    f.add_argument("--no-identity", dest="identity", action="store_false",
+                   help="skip the per-face identity check (SFace cosine, input vs restored face, in the format=json "
+                        "report; on by default, as in osdface restore)")
 
 
 def add_parser(sub) -> None:
@@ -86,16 +89,28 @@ def config_from_args(args):
 
 def load_engine(args, config):
     """The :class:`~osdface.serve.engine.RestoreEngine` of ``args``: the face models first (a refused file costs
-    no model load), then one pipeline per replica through the ``restore`` loader."""
+    no model load), then one pipeline per replica through the ``restore`` loader.
+
+    Each CPU thread gets its own face models, and its own SFace identity scorer (OpenCV's recogniser
+    object is not shared between threads) unless ``--no-identity``."""
     from ..serve.engine import RestoreEngine
     from .common import load_pipeline_from_args
     from .restore_photos import build_face_models, face_layer_device
 
     device = face_layer_device(args)
-    first = [build_face_models(args, device)]  # checked now; handed to the first CPU thread
+
+    def build() -> dict:
+        models = build_face_models(args, device)
+        if getattr(args, "identity", True):
+            from ..face.identity import IdentityScorer
+
+            models["identity"] = IdentityScorer()
+        return models
+
+    first = [build()]  # checked now; handed to the first CPU thread
 
     def face_models() -> dict:
-        return first.pop() if first else build_face_models(args, device)
+        return first.pop() if first else build()
 
     pipelines = [load_pipeline_from_args(args) for _ in range(config.replicas)]
     return RestoreEngine(config, pipelines, face_models)

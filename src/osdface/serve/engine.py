@@ -71,14 +71,15 @@ class RestoreOutcome:
     aligned_lq: np.ndarray | None = field(default=None, repr=False)
 
     def report(self) -> dict:
-        """The ``format=json`` answer: sizes, faces (box, landmarks, score) and the image in base64."""
+        """The ``format=json`` answer: sizes, faces (box, landmarks, score, and the identity similarity
+        when the engine computes it: :meth:`osdface.face.types.FaceCrop.to_json`) and the image in base64."""
         h, w = self.input_size
         return {
             "input_size": [w, h],
             "output_size": [int(self.image.shape[1]), int(self.image.shape[0])],
             "aligned": self.options.aligned,
             "upscale": self.options.upscale,
-            "faces": [f.detection.to_json() for f in self.faces],
+            "faces": [f.to_json() for f in self.faces],
             "image_format": self.options.output_format,
             "image": base64.b64encode(self.encoded).decode("ascii"),
             "seconds": round(self.seconds, 4),
@@ -92,7 +93,9 @@ class RestoreEngine:
         config: limits and batching (:class:`ServeConfig`).
         pipelines: one pipeline (or exported runner) per replica, all of the same model.
         face_models: builds ``{"detector", "parser", "bg_upsampler"}`` (as
-            :func:`osdface.cli.restore_photos.build_face_models`); called once per CPU thread.
+            :func:`osdface.cli.restore_photos.build_face_models`) and optionally ``"identity"`` (an
+            :class:`~osdface.face.identity.IdentityScorer`: each face's identity similarity in the
+            ``format=json`` report); called once per CPU thread.
 
     Call :meth:`restore` from one event loop (the engine starts itself in the first one that calls it).
     """
@@ -249,6 +252,9 @@ class RestoreEngine:
             image, faces, lq = restored[0], [], prepared.rgb
             alpha = prepared.alpha
         else:
+            # the identity check runs in finish, on this CPU thread: this thread's scorer (an OpenCV net is
+            # not safe to share between threads, and _prepare may have run on another thread)
+            restorer.identity = self._thread_face_models().get("identity")
             result = restorer.finish(prepared, restored)
             image, faces, lq, alpha = result.image, result.faces, None, result.alpha
         self.metrics.faces.inc(len(restored))
