@@ -1,6 +1,8 @@
 """The fidelity knob and the advanced (timestep, latent strength) pair of OSDFacePipeline (issue 17),
 and the diffusers call conventions (``image=``, ``return_dict=False``)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -82,7 +84,16 @@ def test_diffusers_refuses_a_model_folder_naming_the_class(tiny_pipe, tmp_path):
     from osdface.pipelines import OSDFacePipeline
 
     folder = tiny_pipe.save_pretrained(tmp_path / "m")
-    with pytest.raises(AttributeError, match="OSDFacePipeline"):
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "OSDFacePipeline" and not list(folder.rglob("*.py")), "JSON + safetensors only"
+    with pytest.raises(AttributeError, match="module diffusers has no attribute OSDFacePipeline"):
         diffusers.DiffusionPipeline.from_pretrained(folder)
+    # the list form names a class only through <file>.py inside the folder (docs/fidelity.md); without
+    # one, diffusers looks the list up as an attribute: a less clear refusal, so the folders keep the string
+    other = tmp_path / "list_form"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": ["osdface", "OSDFacePipeline"]}))
+    with pytest.raises(TypeError, match="attribute name must be string"):
+        diffusers.DiffusionPipeline.from_pretrained(other)
     assert torch.equal(OSDFacePipeline.from_pretrained(folder)(image=np.zeros((64, 64, 3), np.uint8)).images,
                        tiny_pipe(image=np.zeros((64, 64, 3), np.uint8)).images)
