@@ -58,3 +58,40 @@ def test_encoder_overlap_on_cuda_keeps_outputs(official_layout, tiny_vre_config,
         out = pipe(faces)
         assert torch.equal(out.images, ref.images)
         assert torch.equal(out.prompt_indices, ref.prompt_indices)
+
+
+def test_model_cpu_offload_moves_one_stage_at_a_time(official_layout, tiny_vre_config, faces):
+    """enable_model_cpu_offload(): each stage's modules are on the accelerator while it runs and every
+    other stage's are on the CPU; afterwards all rest on the CPU; outputs are the resident pipeline's."""
+    from osdface.errors import InvalidSettingError
+
+    dev = _accelerator()
+    resident = OSDFacePipeline.from_official(*official_layout, vre_config=tiny_vre_config, device=dev)
+    ref = resident(image=faces).images.cpu()
+    pipe = OSDFacePipeline.from_official(*official_layout, vre_config=tiny_vre_config).enable_model_cpu_offload()
+    assert pipe.device.type == dev
+    stages = pipe.offload_stages()
+    seen = {}
+
+    def probe(name):
+        def hook(mod, args):
+            seen[name] = {other: {p.device.type for m in mods for p in m.parameters()}
+                          for other, mods in stages.items()}
+        return hook
+
+    firsts = {"visual_prompt": pipe.vre, "vae_encoder": pipe.vae.encoder.conv_in, "unet": pipe.unet,
+              "vae_decoder": pipe.vae.decoder.conv_in}
+    hooks = [m.register_forward_pre_hook(probe(name)) for name, m in firsts.items()]
+    try:
+        out = pipe(image=faces).images
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(seen) == set(stages)
+    for name, devices in seen.items():
+        for other, types in devices.items():
+            assert types == ({dev} if other == name else {"cpu"}), (name, other, types)
+    assert {p.device.type for m in pipe.modules().values() for p in m.parameters()} == {"cpu"}
+    assert out.device.type == dev and (out.cpu() - ref).abs().max() <= 1e-5
+    with pytest.raises(InvalidSettingError, match="after enable_model_cpu_offload"):
+        pipe.to(dev)

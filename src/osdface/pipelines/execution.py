@@ -22,13 +22,16 @@ encoder_overlap   off; CUDA only, never under autograd        VRE + adapter on a
 channels_last     off                                         VAE inputs in channels-last memory format
 vae_batch_size    ``None``: the whole batch                   VAE encoder/decoder ``n`` images at a time
 compile_mode      ``None``: not compiled                      recorded by ``pipe.compile()``
+offload_device    ``None``: no offload                        model CPU offload: each stage's modules
+                                                              on this device only while it runs
 ================  ==========================================  =====================================
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +53,7 @@ class ResolvedPlan:
     channels_last: bool
     vae_batch_size: int | None
     compile_mode: str | None
+    offload_device: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,6 +74,9 @@ class ExecutionPlan:
             ``pipe.enable_channels_last()``).
         vae_batch_size: VAE encoder/decoder chunk size (>= 1), ``None`` = the whole batch.
         compile_mode: the ``torch.compile`` mode ``pipe.compile()`` used, ``None`` when not compiled.
+        offload_device: model CPU offload (``pipe.enable_model_cpu_offload()``): the modules live on
+            the CPU and each stage's modules are moved to this device only while the stage runs
+            (:meth:`placed`); ``None`` = no offload.
 
     Raises:
         ValueError: ``lean_band_mb <= 0`` or ``vae_batch_size < 1``.
@@ -82,6 +89,7 @@ class ExecutionPlan:
     channels_last: bool = False
     vae_batch_size: int | None = None
     compile_mode: str | None = None
+    offload_device: torch.device | None = None
     #: one CUDA side stream per device for the encoder overlap, made on first use
     _side_streams: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -109,9 +117,32 @@ class ExecutionPlan:
             channels_last=self.channels_last,
             vae_batch_size=self.vae_batch_size,
             compile_mode=self.compile_mode,
+            offload_device=None if self.offload_device is None else str(self.offload_device),
         )
 
     # ------------------------------------------------------------------------------ machinery
+    @contextlib.contextmanager
+    def placed(self, *modules: torch.nn.Module | None) -> Iterator[None]:
+        """Model CPU offload of one stage: ``modules`` on :attr:`offload_device` while the ``with``
+        body runs, back on the CPU after it (also on error). Without offload: nothing.
+
+        The same weights, moved: results are those of the modules resident on that device. The
+        pattern of diffusers' ``enable_model_cpu_offload`` (one model on the accelerator at a
+        time), made explicit per stage so that it also covers ``vae.encode``/``vae.decode`` and the
+        lean decode, which do not go through the modules' ``forward``.
+        """
+        mods = [m for m in modules if m is not None]
+        if self.offload_device is None or not mods:
+            yield
+            return
+        for m in mods:
+            m.to(self.offload_device)
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.to("cpu")
+
     def between_stages(self, x: torch.Tensor) -> None:
         """Heap trimming: give free heap pages back to the OS after a stage that produced ``x``
         (glibc ``malloc_trim``; touches no live data), when the plan says so for ``x``'s device."""

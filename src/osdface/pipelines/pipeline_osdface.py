@@ -156,8 +156,8 @@ class OSDFacePipeline:
             ``None`` for a pipeline built from modules in memory.
         plan: the :class:`~osdface.pipelines.execution.ExecutionPlan` (speed and memory settings;
             never the math), set through :meth:`set_lean_decode`, :meth:`set_heap_trimming`,
-            :meth:`enable_encoder_overlap`, :meth:`enable_channels_last`, :meth:`set_vae_batch_size`
-            and :meth:`compile`.
+            :meth:`enable_encoder_overlap`, :meth:`enable_channels_last`, :meth:`set_vae_batch_size`,
+            :meth:`enable_model_cpu_offload` and :meth:`compile`.
     """
 
     def __init__(self, vae, unet, vre: VisualPromptEncoder, prompt_adapter: PromptAdapter, scheduler,
@@ -184,6 +184,10 @@ class OSDFacePipeline:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go and the model runs: the UNet's device, or the offload device after
+        :meth:`enable_model_cpu_offload` (the modules then rest on the CPU)."""
+        if self.plan.offload_device is not None:
+            return self.plan.offload_device
         return next(self.unet.parameters()).device
 
     @property
@@ -194,6 +198,11 @@ class OSDFacePipeline:
         """Move every module to ``device`` (``"auto"`` allowed) and/or cast to ``dtype``."""
         dev = resolve_device(device) if device is not None else None
         dt = parse_dtype(dtype)
+        if dev is not None and dev.type != "cpu" and self.plan.offload_device is not None:
+            raise InvalidSettingError(
+                f"pipe.to({str(device)!r}) after enable_model_cpu_offload(): the offload moves each module to "
+                f"{self.plan.offload_device} while it runs; call disable_model_cpu_offload() first to keep "
+                "every module on the device")
         for m in self.modules().values():
             p = next(m.parameters(), None)
             if p is None or (dev in (None, p.device) and dt in (None, p.dtype)):
@@ -275,18 +284,78 @@ class OSDFacePipeline:
         self.plan = self.plan.replace(encoder_overlap=bool(enabled))
         return self
 
+    def offload_stages(self) -> dict[str, list[torch.nn.Module]]:
+        """The modules of each stage, in the order they run (what model CPU offload moves together):
+        ``visual_prompt`` (VRE + prompt adapter), ``vae_encoder`` (encoder + ``quant_conv``),
+        ``unet``, ``vae_decoder`` (``post_quant_conv`` + decoder). Together they hold every weight
+        of the pipeline once."""
+        vae = self.vae
+        return {
+            "visual_prompt": [self.vre, self.prompt_adapter],
+            "vae_encoder": [m for m in (vae.encoder, getattr(vae, "quant_conv", None)) if m is not None],
+            "unet": [self.unet],
+            "vae_decoder": [m for m in (getattr(vae, "post_quant_conv", None), vae.decoder) if m is not None],
+        }
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None,
+                                 device: str | torch.device | None = None) -> OSDFacePipeline:
+        """Model CPU offload for small GPUs (diffusers' convention): the modules rest on the CPU and each
+        stage's modules (:meth:`offload_stages`) are on the accelerator only while that stage runs, so
+        the GPU holds the largest stage (the UNet) instead of the whole model. Same results as the
+        pipeline on that device; slower by the weight transfers of every call. ``plan.offload_device``.
+
+        Args:
+            gpu_id: accelerator index (default: the one in ``device``, else 0).
+            device: the accelerator (default: CUDA, else MPS). ``"cpu"`` is accepted (the stages then
+                run where they rest; used to test the mechanism).
+
+        Raises:
+            DeviceError: ``device`` not given and no accelerator here (as diffusers, which raises
+                ``RuntimeError: enable_model_cpu_offload requires accelerator``), or ``device``
+                not available.
+            InvalidSettingError: ``gpu_id`` and an index in ``device`` both given.
+        """
+        if device is None:
+            dev = resolve_device("auto")
+            if dev.type == "cpu":
+                raise DeviceError("enable_model_cpu_offload() needs an accelerator (CUDA or MPS) and none is "
+                                  "available here; on the CPU the pipeline runs without offload")
+        else:
+            dev = resolve_device(device)
+        if gpu_id is not None and dev.index is not None:
+            raise InvalidSettingError(f"enable_model_cpu_offload: pass gpu_id={gpu_id} or an index in "
+                                      f"device={str(device)!r}, not both")
+        if dev.type != "cpu":
+            dev = resolve_device(torch.device(dev.type, gpu_id if gpu_id is not None else dev.index or 0))
+        self.plan = self.plan.replace(offload_device=None)
+        self.to("cpu")
+        self.plan = self.plan.replace(offload_device=dev)
+        return self
+
+    def disable_model_cpu_offload(self) -> OSDFacePipeline:
+        """Stop the offload: the modules stay on the CPU (move them with :meth:`to`)."""
+        self.plan = self.plan.replace(offload_device=None)
+        return self
+
     # --------------------------------------------- stage helpers: the only places the plan is consulted
     def _encode(self, lq: torch.Tensor, latent: LatentMode, generator: torch.Generator | None):
         """Steps 3–4 of :meth:`restore_tensor`: ``(z_L, prompt, indices)`` from the same ``lq``.
 
         The two encoders are independent; the plan may run the visual prompt on a CUDA side stream
-        while the VAE encodes (:meth:`ExecutionPlan.run_encoders`), then trims the heap.
+        while the VAE encodes (:meth:`ExecutionPlan.run_encoders`), then trims the heap. Under model
+        CPU offload each encoder's modules are on the device only while it runs (:meth:`ExecutionPlan.placed`).
         """
-        (prompt, idx), z = self.plan.run_encoders(
-            lq,
-            visual_prompt=lambda: self.encode_prompt(lq, return_indices=True),
-            lq_latent=lambda: self.encode_latent(lq, latent=latent, generator=generator),
-        )
+        stages = self.offload_stages()
+
+        def visual_prompt():
+            with self.plan.placed(*stages["visual_prompt"]):
+                return self.encode_prompt(lq, return_indices=True)
+
+        def lq_latent():
+            with self.plan.placed(*stages["vae_encoder"]):
+                return self.encode_latent(lq, latent=latent, generator=generator)
+
+        (prompt, idx), z = self.plan.run_encoders(lq, visual_prompt=visual_prompt, lq_latent=lq_latent)
         self.plan.between_stages(z)
         return z, prompt, idx
 
@@ -294,7 +363,8 @@ class OSDFacePipeline:
         """Step 7 of :meth:`restore_tensor`: :meth:`decode`, with the heap trimmed before (the UNet's
         freed activations) and after, as the plan says."""
         self.plan.between_stages(x0)
-        out = self.decode(x0, check_finite=check_finite)
+        with self.plan.placed(*self.offload_stages()["vae_decoder"]):
+            out = self.decode(x0, check_finite=check_finite)
         self.plan.between_stages(out)
         return out
 
@@ -429,7 +499,8 @@ class OSDFacePipeline:
         # 3–4. LQ latent z_L (VAE posterior mode, or a sample) and the visual prompt (VRE → adapter)
         z, prompt, idx = self._encode(lq, latent, generator)
         # 5. one UNet step at t, no noise added: ε̂ = UNet(z_L, t, prompt)
-        eps = self.unet(z, t, encoder_hidden_states=prompt.to(z.dtype)).sample
+        with self.plan.placed(self.unet):  # model CPU offload: the UNet on the device for this step only
+            eps = self.unet(z, t, encoder_hidden_states=prompt.to(z.dtype)).sample
         # 6. x0 in closed form, float64: ẑ_H = (z_L − √(1−ᾱ_t)·ε̂) / √ᾱ_t (then z_L + s·(ẑ_H − z_L))
         x0 = self.predict_x0(z, eps, timestep, latent_strength)
         if check_finite:
