@@ -109,12 +109,12 @@ def test_no_network_imports_in_library():
 
 
 def test_official_files_are_each_read_once(official_layout, monkeypatch):
-    import osdface.weights as w
+    import osdface.safe_load as sl  # osdface.weights imports its reader from here at call time
     from osdface.pipelines import OSDFacePipeline
 
     reads = []
-    real = w.load_torch_checkpoint
-    monkeypatch.setattr(w, "load_torch_checkpoint", lambda p: reads.append(Path(p).name) or real(p))
+    real = sl.load_torch_checkpoint
+    monkeypatch.setattr(sl, "load_torch_checkpoint", lambda p: reads.append(Path(p).name) or real(p))
     OSDFacePipeline.from_official(*official_layout)
     assert sorted(reads) == ["associate_2.ckpt", "embedding_change_weights.pth"]
 
