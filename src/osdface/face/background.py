@@ -199,7 +199,7 @@ class ModelUpsampler:
     def __call__(self, rgb: np.ndarray, scale: float) -> np.ndarray:
         h, w = rgb.shape[:2]
         p = next(self.net.parameters())
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(p.device, p.dtype) / 255.0
+        x = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1)[None].to(p.device, p.dtype) / 255.0
         y = self._run(x).clamp(0, 1)
         out = (y[0].permute(1, 2, 0).float().cpu().numpy() * 255.0).round().astype(np.uint8)
         oh, ow = output_size(h, w, scale)
