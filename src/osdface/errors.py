@@ -12,6 +12,13 @@ Kept free of heavy imports: the CLI imports it before torch.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type name: how a third-party error
+    (engines, parsers, file readers raise multi-line messages) is quoted in a one-line osdface message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 class OSDFaceError(Exception):
     """Base of every domain error: bad input, missing or malformed files, impossible settings."""
 

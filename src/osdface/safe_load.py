@@ -45,7 +45,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .errors import ModelFileError, OSDFaceError, WeightsNotFoundError
+from .errors import ModelFileError, OSDFaceError, WeightsNotFoundError, first_line
 
 #: Top-level modules whose classes are replaced by inert stand-ins (configuration containers).
 INERT_MODULE_ROOTS = frozenset(
@@ -117,8 +117,7 @@ def load_safetensors(path: str | os.PathLike, what: str = "weights") -> dict[str
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFileError(f"{path}: not a valid safetensors file ({reason})") from None
+        raise ModelFileError(f"{path}: not a valid safetensors file ({first_line(e)})") from None
 
 
 class UnsafeCheckpointError(OSDFaceError, RuntimeError):
@@ -832,4 +831,4 @@ def load_numpy_pickle(data: bytes, source: str = "<bytes>") -> Any:
             warnings.simplefilter("ignore", DeprecationWarning)
             return _NumpyOnlyUnpickler(io.BytesIO(data)).load()
     except (pickle.UnpicklingError, EOFError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-        raise ModelFileError(f"{source}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ModelFileError(f"{source}: {first_line(e)}") from None

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import OSDFaceError, WeightsNotFoundError
+from .errors import OSDFaceError, WeightsNotFoundError, first_line
 from .io.names import BASE_MODEL_SUBFOLDERS, MODEL_INDEX, OFFICIAL_FILES, OFFICIAL_VRE_FILE
 from .weights import BASE_MODEL_FILES, _has_weights, load_lora_file, load_official_vre
 
@@ -67,7 +67,7 @@ def _check(path: Path, run) -> FileCheck:
         return run()
     except OSDFaceError as e:
         return FileCheck(path, path.stat().st_size if path.is_file() else None,
-                         "missing" if isinstance(e, WeightsNotFoundError) else "error", str(e).splitlines()[0])
+                         "missing" if isinstance(e, WeightsNotFoundError) else "error", first_line(e))
 
 
 def check_base_model_files(base: Path) -> list[FileCheck]:

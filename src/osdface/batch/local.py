@@ -25,13 +25,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import first_line
 from ..utils.logging import get_logger
 from .stages import (
     PhotoJob,
     WriteOptions,
     error_message,
     failure_row,
-    first_line,
     prepare,
     restore_faces,
     write_photo,

@@ -41,13 +41,13 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import first_line
 from ..utils.logging import get_logger
 from .stages import (
     PhotoJob,
     WriteOptions,
     error_message,
     failure_row,
-    first_line,
     prepare,
     restore_faces,
     write_photo,

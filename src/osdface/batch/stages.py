@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import first_line
 from ..image import ImageError, read_image, save_image
 
 
@@ -47,12 +48,6 @@ class WriteOptions:
 
     compare: bool = False
     save_faces: bool = False
-
-
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (or its type name)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def error_message(job: PhotoJob, exc: BaseException) -> str:

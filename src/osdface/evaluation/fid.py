@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidSettingError, ModelFileError, WeightsNotFoundError
+from ..errors import InvalidSettingError, ModelFileError, WeightsNotFoundError, first_line
 from ..utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -176,8 +176,7 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         except (zipfile.BadZipFile, OSError) as e:
             raise ModelFileError(f"{path}: not a readable FID statistics file ({e})") from e
     except (RuntimeError, OSError, EOFError, ValueError) as e:  # a corrupt or truncated torch file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFileError(f"{path}: not a readable FID statistics file ({reason})") from e
+        raise ModelFileError(f"{path}: not a readable FID statistics file ({first_line(e)})") from e
     if not isinstance(data, dict):
         raise ModelFileError(f"{path}: expected a dict with 'mean'/'cov' or 'mu'/'sigma'")
     mu = data.get("mean", data.get("mu"))

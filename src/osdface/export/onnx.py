@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..errors import InvalidSettingError, ModelFileError
+from ..errors import InvalidSettingError, ModelFileError, first_line
 from ..io.onnx_format import FORMAT, FORMAT_VERSION, GRAPH_FILES, GRAPH_IO, MANIFEST_NAME
 from ..utils.io import atomic_dir, sha256_file
 from ..utils.logging import get_logger
@@ -251,9 +251,8 @@ def export_onnx(pipe, output_dir: str | os.PathLike, *, opset: int = DEFAULT_OPS
                     _export_one(modules[name], example[name][0], sub / path.name, GRAPH_IO[name], int(opset),
                                 dynamic_batch)
                 except Exception as e:  # the exporter raises anything; name the graph and the reason
-                    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    raise ModelFileError(f"{path.name}: torch.onnx.export failed ({type(e).__name__}: {reason})") \
-                        from e
+                    raise ModelFileError(f"{path.name}: torch.onnx.export failed ({type(e).__name__}: "
+                                         f"{first_line(e)})") from e
             data_name = _finalize_graph(sub / path.name, external_data_threshold)
             for f in sub.iterdir():
                 os.replace(f, tmp / f.name)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..errors import InvalidSettingError, ModelFileError
+from ..errors import InvalidSettingError, ModelFileError, first_line
 from ..image import from_model_range
 from ..io.onnx_format import GRAPH_IO, MANIFEST_NAME, VERIFY_MODES, read_manifest  # noqa: F401 - re-exported
 from ..pipelines.pipeline_osdface import (
@@ -31,10 +31,6 @@ from ..pipelines.pipeline_osdface import (
 )
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
-def first_line(e: BaseException) -> str:
-    """An engine's exception as one line (engines raise multi-line messages of their own types)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 #: opens one graph file → (engine handle, the names of each input, the names of each output); may raise
