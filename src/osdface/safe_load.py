@@ -654,20 +654,28 @@ def _scan_legacy_buffer(buf: bytes | mmap.mmap, source: str) -> None:
                                  f"the {len(buf)}-byte file")
 
 
-def _load_zip(path: Path) -> Any:
-    source = str(path)
+def _opener(src: Path | bytes):
+    """A fresh readable file object of ``src`` per call (a path, or the bytes of an in-memory file)."""
+    return (lambda: io.BytesIO(src)) if isinstance(src, bytes) else (lambda: src)
+
+
+def _load_zip(src: Path | bytes, source: str) -> Any:
+    """A zip-format checkpoint (a file or its bytes): archive checks, then torch's weights-only load,
+    else our own unpickler for configuration objects."""
+    open_ = _opener(src)
+    size = len(src) if isinstance(src, bytes) else src.stat().st_size
     try:
-        with zipfile.ZipFile(path) as zf:
-            _check_archive(zf, source, path.stat().st_size)
+        with zipfile.ZipFile(open_()) as zf:
+            _check_archive(zf, source, size)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         if isinstance(e, OSDFaceError):
             raise
         raise ModelFileError(f"{source}: not a readable PyTorch checkpoint (corrupt zip archive: {_reason(e)})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(open_(), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # configuration objects (Lightning, ...) or code: our own reader decides
         try:
-            with zipfile.ZipFile(path) as zf:
+            with zipfile.ZipFile(open_()) as zf:
                 return _load_archive_pickle(zf, source)
         except zipfile.BadZipFile as e:
             raise ModelFileError(f"{source}: not a readable PyTorch checkpoint ({_reason(e)})") from None
@@ -677,14 +685,18 @@ def _load_zip(path: Path) -> Any:
     return obj
 
 
-def _load_legacy(path: Path) -> Any:
-    _scan_legacy(path)
+def _load_legacy(src: Path | bytes, source: str) -> Any:
+    """A legacy (non-zip) checkpoint (a file or its bytes): dry-run scan, then torch's weights-only load."""
+    if isinstance(src, bytes):
+        _scan_legacy_buffer(src, source)
+    else:
+        _scan_legacy(src)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(_opener(src)(), map_location="cpu", weights_only=True)
     except _MALFORMED as e:
-        raise ModelFileError(f"{path}: legacy (non-zip) PyTorch checkpoint not readable ({_torch_refusal(e)}); "
+        raise ModelFileError(f"{source}: legacy (non-zip) PyTorch checkpoint not readable ({_torch_refusal(e)}); "
                              "re-save it with torch.save's default (zip) format") from None
-    check_loaded_tensors(obj, str(path))
+    check_loaded_tensors(obj, source)
     return obj
 
 
@@ -707,11 +719,11 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
     if not head:
         raise ModelFileError(f"{path}: not a PyTorch checkpoint (the file is empty)")
     if zipfile.is_zipfile(path):
-        return _load_zip(path)
+        return _load_zip(path, str(path))
     if head[:4] == b"PK\x03\x04":
         raise ModelFileError(f"{path}: not a readable PyTorch checkpoint (a truncated or corrupt zip archive)")
     if head[:1] == b"\x80":
-        return _load_legacy(path)
+        return _load_legacy(path, str(path))
     if tarfile.is_tarfile(path):
         raise ModelFileError(f"{path}: a tar-format checkpoint (PyTorch < 0.4) is not supported; "
                              "re-save it with a current PyTorch")
@@ -727,29 +739,10 @@ def load_torch_checkpoint_bytes(data: bytes, source: str) -> Any:
     """
     data = bytes(data)
     if data[:1] == b"\x80":  # legacy (non-zip) format
-        _scan_legacy_buffer(data, source)
-        try:
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except _MALFORMED as e:
-            raise ModelFileError(f"{source}: legacy (non-zip) PyTorch checkpoint not readable "
-                                 f"({_torch_refusal(e)})") from None
-        check_loaded_tensors(obj, source)
-        return obj
+        return _load_legacy(data, source)
     if not zipfile.is_zipfile(io.BytesIO(data)):
         raise ModelFileError(f"{source}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            _check_archive(zf, source, len(data))
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            return _load_archive_pickle(zf, source)
-    except OSDFaceError:
-        raise
-    except _MALFORMED as e:
-        raise ModelFileError(f"{source}: not a readable PyTorch checkpoint ({_reason(e)})") from None
-    check_loaded_tensors(obj, source)
-    return obj
+    return _load_zip(data, source)
 
 
 # ----------------------------------------------------------------------------------------------
