@@ -265,6 +265,15 @@ def test_output_size_limit(client):
     assert "output limit" in assert_refused(resp, 413)
 
 
+@pytest.mark.parametrize("fmt,query,width", [("webp", "format=webp", 4200), ("jpeg", "format=jpeg", 16400),
+                                             ("webp", "format=json&image_format=webp", 4200)])
+def test_output_side_above_the_format_limit_is_413(client, fmt, query, width):
+    """Under the output pixel limit, but ×4 is wider than the format can encode: 413 before any work."""
+    wide = np.full((4, width, 3), 100, np.uint8)
+    resp = client.post(f"/v1/restore?upscale=4&{query}", content=encode(wide, "PNG"))
+    assert f"{fmt} limit" in assert_refused(resp, 413)
+
+
 @pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
 def test_format_not_allowed(client, fmt):
     resp = client.post("/v1/restore", content=encode(np.zeros((32, 32, 3), np.uint8), fmt))

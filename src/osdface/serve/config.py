@@ -19,6 +19,8 @@ INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 OUTPUT_FORMATS = ("png", "jpeg", "webp", "json")
 #: media types of the image outputs
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+#: longest side each output format can encode (libjpeg and libwebp limits; PNG's is far above any output limit)
+MAX_OUTPUT_SIDE = {"png": 2**31 - 1, "jpeg": 65535, "webp": 16383}
 COLOR_FIXES = ("wavelet", "adain", "none")
 
 

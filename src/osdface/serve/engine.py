@@ -33,7 +33,7 @@ from ..face.types import FaceCrop
 from ..image import ImageError, ImageFormatError, ImageTooLargeError, LoadedImage, decode_image, encode_image
 from ..utils.logging import get_logger
 from .batcher import FaceBatcher
-from .config import MEDIA_TYPES, RequestError, RestoreOptions, ServeConfig
+from .config import MAX_OUTPUT_SIDE, MEDIA_TYPES, RequestError, RestoreOptions, ServeConfig
 from .metrics import ServeMetrics
 
 logger = get_logger(__name__)
@@ -222,10 +222,19 @@ class RestoreEngine:
         except ImageError as e:
             raise RequestError(400, str(e)) from None
 
+    @staticmethod
+    def _check_output_side(ow: int, oh: int, options: RestoreOptions) -> None:
+        fmt = options.output_format
+        if max(ow, oh) > MAX_OUTPUT_SIDE[fmt]:
+            how = f"upscale {options.upscale:g} makes" if options.upscale != 1 else "the output is"
+            raise RequestError(413, f"{how} {ow}x{oh}, above the {fmt} limit of {MAX_OUTPUT_SIDE[fmt]} px a side; "
+                                    "ask for a smaller upscale or format=png")
+
     def _prepare(self, image, options: RestoreOptions) -> tuple[PreparedPhoto, FaceRestorer | None]:
         loaded = self._decode(image)
         h, w = loaded.rgb.shape[:2]
         if options.aligned:
+            self._check_output_side(w, h, options)
             if h != w:
                 raise RequestError(400, f"aligned=true needs a square face crop, got {w}x{h}")
             if h < MIN_ALIGNED_SIDE:
@@ -235,6 +244,7 @@ class RestoreEngine:
         if oh * ow > self.config.max_output_pixels:
             raise RequestError(413, f"upscale {options.upscale:g} of {w}x{h} makes {ow * oh / 1e6:.0f} MP, above the "
                                     f"output limit of {self.config.max_output_pixels / 1e6:.0f} MP")
+        self._check_output_side(ow, oh, options)
         models = self._thread_face_models()
         cap = self.config.max_faces
         restorer = FaceRestorer(
