@@ -331,6 +331,19 @@ _COMPONENT_CHECKS = {
 }
 
 
+def check_latent_channels(unet: Mapping[str, Any], unet_file, vae: Mapping[str, Any], vae_file) -> None:
+    """The UNet's ``in_channels`` and ``out_channels`` must equal the VAE's ``latent_channels``.
+
+    Raises:
+        ModelFileError: naming the UNet config, the field, both values and the VAE config.
+    """
+    latent = vae["latent_channels"]
+    for field in ("in_channels", "out_channels"):
+        if unet[field] != latent:
+            raise ModelFileError(f"{unet_file}: {field} = {unet[field]} does not match the VAE's latent_channels = "
+                                 f"{latent} ({vae_file})")
+
+
 def check_model_folder_configs(index: Mapping[str, Any], index_source: str | os.PathLike,
                                configs: ConfigSet) -> tuple[int, int]:
     """Check every config of a model folder alone and against the others, before anything is built.
@@ -356,11 +369,7 @@ def check_model_folder_configs(index: Mapping[str, Any], index_source: str | os.
     (unet_file, unet), (vae_file, vae) = configs["unet"], configs["vae"]
     (vre_file, vre), (adapter_file, adapter) = configs["vre"], configs["prompt_adapter"]
 
-    latent = vae["latent_channels"]
-    for field in ("in_channels", "out_channels"):
-        if unet[field] != latent:
-            raise ModelFileError(f"{unet_file}: {field} = {unet[field]} does not match the VAE's latent_channels = "
-                                 f"{latent} ({vae_file})")
+    check_latent_channels(unet, unet_file, vae, vae_file)
     cross = unet["cross_attention_dim"]
     cross_dims = set(cross) if isinstance(cross, (list, tuple)) else {cross}
     if cross_dims != {adapter["out_channels"]}:

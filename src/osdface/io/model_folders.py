@@ -44,6 +44,7 @@ import torch
 from ..errors import ModelFileError, OSDFaceError, WeightsNotFoundError
 from ..model_limits import (
     check_finite_weights,
+    check_latent_channels,
     check_lora_config,
     check_model_folder_configs,
     check_scheduler_config,
@@ -264,10 +265,7 @@ def check_base_model(base_model: str | os.PathLike, safetensors_only: bool = Fal
     if timestep is not None and timestep >= n_train:
         raise ModelFileError(f"{sched_file}: num_train_timesteps = {n_train} does not include OSDFace's "
                              f"timestep {timestep}")
-    for field in ("in_channels", "out_channels"):
-        if unet_cfg[field] != vae_cfg["latent_channels"]:
-            raise ModelFileError(f"{unet_file}: {field} = {unet_cfg[field]} does not match the VAE's "
-                                 f"latent_channels = {vae_cfg['latent_channels']} ({vae_file})")
+    check_latent_channels(unet_cfg, unet_file, vae_cfg, vae_file)
     for name, cfg in ((UNET, unet_cfg), (VAE, vae_cfg)):
         check_weights_fit(_component_class(name), cfg, base / name, WHAT[name], COMPONENT_CONFIG_NAMES[name],
                           safetensors_only=safetensors_only)
