@@ -84,6 +84,18 @@ def test_a_failing_batch_fails_only_its_items_and_the_batcher_goes_on():
     assert asyncio.run(main()) == [40]
 
 
+def test_an_exception_as_a_result_fails_that_item_only():
+    async def main():
+        b = FaceBatcher(lambda r, items: [ValueError("bad item") if x < 0 else x * 10 for x in items], max_batch=8,
+                        max_wait_s=0.0)
+        out = await asyncio.gather(b.submit([-1]), b.submit([2, 3]), return_exceptions=True)
+        await b.close()
+        return out
+
+    bad, good = asyncio.run(main())
+    assert isinstance(bad, ValueError) and good == [20, 30]
+
+
 def test_two_replicas_run_batches_concurrently():
     async def main():
         model = GatedModel()
@@ -156,3 +168,49 @@ def test_model_runs_while_every_cpu_thread_is_busy(tiny_model_dir):
     restored, still_held = asyncio.run(main())
     assert still_held, "the CPU thread was held the whole time"
     assert restored.shape == crop.shape and restored.dtype == np.uint8
+
+
+@pytest.mark.parametrize("error,status", [(MemoryError, 503), (ValueError, None)])
+def test_a_failing_face_group_fails_only_its_own_requests(tiny_model_dir, error, status):
+    """One batch holds two groups (two crop sizes, two clients); the model call of one raises: the other
+    client's face is restored, the failing one gets the error (out of memory: 503 with Retry-After)."""
+    from _serve_helpers import load_test_engine
+
+    from osdface.serve.config import RequestError
+    from osdface.testing import synthetic_faces
+
+    # a batch is taken as soon as it holds 2 faces (the long wait only makes sure both go in one batch)
+    engine = load_test_engine(tiny_model_dir, max_batch=2, batch_wait_ms=10_000)
+    good, huge = synthetic_faces(1, seed=2)[0], np.zeros((96, 96, 3), np.uint8)
+    restorer = engine._model_restorers[0]["wavelet"]
+    real = restorer.restore_crops
+    batches: list[int] = []
+
+    def restore_crops(crops):
+        batches.append(len(crops))
+        if crops.shape[1] == 96:
+            raise error("the huge crop does not fit")
+        return real(crops)
+
+    restorer.restore_crops = restore_crops
+    run_batch = engine._run_batch
+    model_batches: list[int] = []
+    engine._run_batch = lambda replica, items: model_batches.append(len(items)) or run_batch(replica, items)
+
+    async def main():
+        await engine.start()
+        try:
+            return await asyncio.wait_for(asyncio.gather(engine.batcher.submit([(huge, "wavelet")]),
+                                                         engine.batcher.submit([(good, "wavelet")]),
+                                                         return_exceptions=True), 120)
+        finally:
+            await engine.close()
+
+    bad, ok = asyncio.run(main())
+    assert model_batches == [2] and batches == [1, 1], "both groups ran in one batch, one model call each"
+    assert isinstance(ok, list) and ok[0].shape == good.shape and ok[0].dtype == np.uint8
+    if status is None:
+        assert isinstance(bad, error)
+    else:
+        assert isinstance(bad, RequestError) and bad.status == status and "out of memory" in bad.message
+        assert "Retry-After" in bad.headers

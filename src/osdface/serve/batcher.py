@@ -39,7 +39,8 @@ class FaceBatcher(Generic[T, R]):
 
     Args:
         run_batch: called in replica ``r``'s own thread with a list of items; returns one result per
-            item, in order. An exception fails every item of that batch (and only those).
+            item, in order. A result that is an exception instance fails that item only; an exception
+            raised fails every item of that batch (and only those).
         replicas: number of model workers (batches run concurrently, one per replica).
         max_batch: most items per batch (1 = no batching).
         max_wait_s: bounded wait for a batch to fill (0 = take what is there).
@@ -118,7 +119,11 @@ class FaceBatcher(Generic[T, R]):
             finally:
                 self.busy -= 1
             for (_, fut, _), res in zip(batch, results):
-                if not fut.done():
+                if fut.done():
+                    continue
+                if isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
                     fut.set_result(res)
 
     async def close(self) -> None:

@@ -273,17 +273,36 @@ class RestoreEngine:
                               input_size=prepared.rgb.shape[:2], options=options, aligned_lq=lq)
 
     # ------------------------------------------------------------------ the model (replica threads)
-    def _run_batch(self, replica: int, items: list[tuple[np.ndarray, str]]) -> list[np.ndarray]:
-        """Restore a batch of ``(crop, color_fix)``; crops of one size and colour fix go in one model call."""
+    def _run_batch(self, replica: int, items: list[tuple[np.ndarray, str]]) -> list[np.ndarray | Exception]:
+        """Restore a batch of ``(crop, color_fix)``; crops of one size and colour fix go in one model call.
+
+        A group that fails gets its exception as the result of each of its items (the batcher fails those
+        items only), so one client's crop never fails the faces of the others in the same batch. Running out
+        of memory is a 503 (with ``Retry-After``), not a 500.
+        """
         groups: dict[tuple, list[int]] = {}
         for i, (crop, cf) in enumerate(items):
             groups.setdefault((crop.shape, cf), []).append(i)
         out: list = [None] * len(items)
-        for (_, cf), idx in groups.items():
+        for (shape, cf), idx in groups.items():
             t0 = time.monotonic()
-            restored = self._model_restorers[replica][cf].restore_crops(np.stack([items[i][0] for i in idx]))
+            try:
+                restored = self._model_restorers[replica][cf].restore_crops(np.stack([items[i][0] for i in idx]))
+            except Exception as exc:  # noqa: BLE001 - delivered to this group's items, who report it
+                err = self._model_error(exc, shape, len(idx))
+                for i in idx:
+                    out[i] = err
+                continue
             self.metrics.batch_seconds.observe(time.monotonic() - t0)
             self.metrics.batch_size.observe(len(idx))
             for i, r in zip(idx, restored):
                 out[i] = r
         return out
+
+    def _model_error(self, exc: Exception, shape: tuple, n: int) -> Exception:
+        """The error a failed model call hands to its items: out of memory → 503; anything else as it is
+        (the app logs it with its traceback and answers one line)."""
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing it
+            return RequestError(503, f"out of memory restoring {n} face crop(s) of {shape[1]}x{shape[0]}; retry "
+                                     "later or send a smaller image", {"Retry-After": str(self.config.retry_after_s)})
+        return exc
