@@ -372,3 +372,30 @@ def test_aligned_crops_stream_their_rows(faces, model_dir, tmp_path):
         ("face0.png", "face0.png", []), ("set1/face1.png", "set1/face1.png", []),
         ("set1/face2.png", "set1/face2.png", []), ("set1/wide.png", None, [])]
     assert [r["error"] is None for r in rows] == [True, True, True, False] and "square" in rows[3]["error"]
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_faceless_photos_after_a_face_do_not_pile_up(tree, model_dir, tmp_path, prefetch):
+    """--batch-size 8, one portrait then many photos without faces: the portrait's face is run
+    before a full batch is there, so the engine holds a bounded number of photos."""
+    from osdface.batch.local import restore_collection
+    from osdface.batch.stages import PhotoJob
+    from osdface.face import FaceRestorer
+    from osdface.pipelines import OSDFacePipeline
+
+    restorer = FaceRestorer(OSDFacePipeline.from_pretrained(model_dir), detector="yunet", batch_size=8)
+    n = 40
+    read: list[int] = []
+
+    def jobs():
+        for i in range(n):
+            read.append(i)
+            src = tree / "IMG_0000.jpg" if i == 0 else tree / "2020" / "empty.png"
+            yield PhotoJob(src, tmp_path / f"{i:03d}.png")
+
+    seen: list[tuple[int, dict]] = []
+    restore_collection(restorer, jobs(), lambda row: seen.append((len(read), row)), prefetch=prefetch)
+    assert [len(r["faces"]) for _, r in seen] == [1] + [0] * (n - 1)
+    assert all(r["error"] is None for _, r in seen)
+    bound = max(prefetch, 8) + 1 + 2 * prefetch + 2  # the model stage, both queues, one item in each thread
+    assert seen[0][0] <= bound, f"{seen[0][0]} of {n} photos read before the first was written"

@@ -170,3 +170,23 @@ def test_rrdbnet_upsampler_loads_and_tiles_consistently(tmp_path, astronaut):
     with pytest.raises(ValueError, match="unknown background upsampler"):
         create_bg_upsampler("esrgan")
     assert ResizeUpsampler("lanczos")(img, 1.5).shape == (72, 84, 3)
+
+
+def test_restore_many_does_not_hold_faceless_photos_behind_a_short_batch(tiny_pipe, yunet, astronaut):
+    """One face, then many photos without faces: the face is restored once more than batch_size
+    photos wait, so the stream does not pile up every photo until the end."""
+    sky = np.full((50, 60, 3), 30, np.uint8)
+    read = []
+
+    def photos():
+        for i in range(60):
+            read.append(i)
+            yield astronaut if i == 0 else sky
+
+    r = FaceRestorer(tiny_pipe, detector=yunet, batch_size=8)
+    results = r.restore_many(photos())
+    first = next(results)
+    assert len(first.faces) == 1 and first.faces[0].restored is not None
+    assert len(read) <= 8 + 1, f"{len(read)} photos read before the first was handed on"
+    rest = list(results)
+    assert len(rest) == 59 and all(len(x.faces) == 0 for x in rest)

@@ -6,7 +6,8 @@ run the stages of :mod:`osdface.batch.stages`:
 
     reader (read, detect, align) ─▶ queue(prefetch) ─▶ model (this thread) ─▶ queue(prefetch) ─▶ writer
 
-Both queues are bounded (at most ``prefetch`` photos wait on each side), so memory stays bounded
+Both queues are bounded (at most ``prefetch`` photos wait on each side) and so is the model stage
+(at most ``max(prefetch, batch_size) + 1`` photos wait on a face batch), so memory stays bounded
 and a slow writer holds the reader back. The model batches faces across photos in full batches
 (:func:`~osdface.batch.stages.restore_faces`), and photos are written and reported in input order:
 the outputs are the same bytes as with ``prefetch=0`` (no threads). OpenCV, PIL, numpy and torch
@@ -20,12 +21,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import first_line
+from ..face.batching import FaceBatcher
 from ..utils.logging import get_logger
 from .stages import (
     PhotoJob,
@@ -66,55 +67,36 @@ class RunStats:
 
 
 class _ModelStage:
-    """Collects prepared photos, runs full face batches, hands finished photos on in input order."""
+    """Collects prepared photos, runs full face batches, hands finished photos on in input order.
 
-    def __init__(self, restorer, emit: Callable[[tuple], None], stats: RunStats) -> None:
+    At most ``max(prefetch, batch_size) + 1`` photos wait here: past that, the faces pending are run
+    before a full batch is there (:class:`~osdface.face.batching.FaceBatcher`; the call is still
+    padded to a full batch, so the bytes do not change).
+    """
+
+    def __init__(self, restorer, emit: Callable[[tuple], None], stats: RunStats, hold: int = 0) -> None:
         self.restorer, self.emit, self.stats = restorer, emit, stats
-        self.order: deque[dict] = deque()
-        self.pending: list[tuple[dict, int]] = []
+        self.batcher = FaceBatcher(restorer.batch_size, self._restore, hold=hold)
 
     def add(self, job: PhotoJob, item) -> None:
-        entry: dict = {"job": job, "error": None, "prepared": None, "restored": []}
-        if isinstance(item, BaseException):
-            entry["error"] = error_message(job, item)
-        else:
-            entry["prepared"] = item
-            entry["restored"] = [None] * len(item.faces)
-            self.pending.extend((entry, i) for i in range(len(item.faces)))
-        self.order.append(entry)
-        bs = self.restorer.batch_size
-        while len(self.pending) >= bs:
-            self._run(bs)
-        self._drain()
+        self._emit(self.batcher.add(job, item))
 
     def finish(self) -> None:
-        while self.pending:
-            self._run(self.restorer.batch_size)
-        self._drain()
+        self._emit(self.batcher.finish())
 
-    def _run(self, n: int) -> None:
-        batch, self.pending = self.pending[:n], self.pending[n:]
+    def _restore(self, crops: list) -> list:
         t = time.perf_counter()
         try:
-            out = restore_faces(self.restorer, [e["prepared"].faces[i].lq for e, i in batch])
-        except Exception as exc:  # noqa: BLE001 - a model failure fails this batch's photos (reason kept)
-            logger.debug("model batch failed", exc_info=True)
-            for e, _ in batch:
-                e["error"] = e["error"] or error_message(e["job"], exc)
-            return
+            out = restore_faces(self.restorer, crops)
         finally:
             self.stats.model_s += time.perf_counter() - t
-        for (e, i), r in zip(batch, out):
-            e["restored"][i] = r
-        self.stats.faces += len(batch)
+        self.stats.faces += len(crops)
+        return out
 
-    def _drain(self) -> None:
-        while self.order:
-            e = self.order[0]
-            if e["error"] is None and any(r is None for r in e["restored"]):
-                return
-            self.order.popleft()
-            self.emit((e["job"], e["prepared"], e["restored"], e["error"]))
+    def _emit(self, photos) -> None:
+        for p in photos:
+            error = None if p.error is None else error_message(p.tag, p.error)
+            self.emit((p.tag, p.prepared, p.restored, error))
 
 
 def _write(restorer, item: tuple, options: WriteOptions) -> dict[str, Any]:
@@ -166,7 +148,7 @@ def restore_collection(restorer, jobs: Iterable[PhotoJob], on_row: Callable[[dic
             report(_write(restorer, item, options))
             stats.model_wait_s += time.perf_counter() - t
 
-        stage = _ModelStage(restorer, emit, stats)
+        stage = _ModelStage(restorer, emit, stats, hold=prefetch)
         for job in jobs:
             t = time.perf_counter()
             item = _prepare(restorer, job)
@@ -226,7 +208,7 @@ def restore_collection(restorer, jobs: Iterable[PhotoJob], on_row: Callable[[dic
                threading.Thread(target=writer, name="osdface-write", daemon=True)]
     for th in threads:
         th.start()
-    stage = _ModelStage(restorer, emit, stats)
+    stage = _ModelStage(restorer, emit, stats, hold=prefetch)
     try:
         while not stop.is_set():
             t = time.perf_counter()

@@ -18,7 +18,6 @@ streams many photos and batches the faces of *all* of them through the pipeline.
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -346,61 +345,33 @@ class FaceRestorer:
         ``Exception`` (passed through, so callers can keep failed reads in order). Yields one
         result per item, **in input order**: a :class:`RestoreResult` or the ``Exception`` that
         stopped that item (other items go on). At most ``batch_size`` faces plus the photos they
-        belong to are held in memory.
+        belong to are held in memory: when more than ``batch_size`` photos wait on a short batch
+        (one face, then photos without faces), the faces pending are run without waiting for more.
         """
-        queue: deque[dict] = deque()
-        pending: list[tuple[dict, int]] = []
+        from .batching import FaceBatcher
 
-        def run_batch(n: int) -> None:
-            batch, pending[:] = pending[:n], pending[n:]
-            entries = [e for e, _ in batch]
-            try:
-                out = self.restore_crops(np.stack([e["prepared"].faces[i].lq for e, i in batch]))
-            except Exception as exc:  # noqa: BLE001 - the error is reported per photo
-                logger.debug("pipeline batch failed", exc_info=True)
-                for e in entries:
-                    e["error"] = exc
-                return
-            for (e, i), r in zip(batch, out):
-                e["restored"][i] = r
+        batcher = FaceBatcher(self.batch_size, lambda crops: self.restore_crops(np.stack(crops)))
 
-        def drain(final: bool = False) -> Iterator[RestoreResult | Exception]:
-            while queue:
-                e = queue[0]
-                done = e.get("error") is not None or all(r is not None for r in e["restored"])
-                if not done and not final:
-                    return
-                queue.popleft()
-                if e.get("error") is not None:
-                    yield e["error"]
+        def results(photos) -> Iterator[RestoreResult | Exception]:
+            for p in photos:
+                if p.error is not None:
+                    yield p.error
                     continue
                 try:
-                    yield self.finish(e["prepared"], e["restored"])
+                    yield self.finish(p.prepared, p.restored)
                 except Exception as exc:  # noqa: BLE001 - reported per photo; traceback with -v
                     logger.debug("finishing a photo failed", exc_info=True)
                     yield exc
 
         for item in images:
-            entry: dict = {"error": None}
-            if isinstance(item, Exception):
-                entry["error"] = item
-            else:
+            if not isinstance(item, (Exception, PreparedPhoto)):
                 try:
-                    prepared = item if isinstance(item, PreparedPhoto) else self.prepare(item)
-                    entry["prepared"] = prepared
-                    entry["restored"] = [None] * len(prepared.faces)
-                    pending.extend((entry, i) for i in range(len(prepared.faces)))
+                    item = self.prepare(item)
                 except Exception as exc:  # noqa: BLE001 - reported per photo; traceback with -v
                     logger.debug("preparing a photo failed", exc_info=True)
-                    entry["error"] = exc
-            queue.append(entry)
-            while len(pending) >= self.batch_size:
-                run_batch(self.batch_size)
-            yield from drain()
-        while pending:
-            run_batch(self.batch_size)
-        yield from drain(final=True)
-
+                    item = exc
+            yield from results(batcher.add(None, item))
+        yield from results(batcher.finish())
 
 def align_faces(image, detector: FaceDetector, size: int = 512, border: str = "constant", **filters
                 ) -> list[FaceCrop]:
