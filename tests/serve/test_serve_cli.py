@@ -26,6 +26,32 @@ def test_config_bounds(field, value):
         ServeConfig(**{field: value})
 
 
+@pytest.mark.parametrize("field", ["batch_wait_ms", "request_timeout_s", "max_upscale"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_config_refuses_nan_and_inf(field, value):
+    with pytest.raises(InvalidSettingError, match=field):
+        ServeConfig(**{field: value})
+
+
+@pytest.mark.parametrize("flag", ["--batch-wait-ms", "--timeout", "--max-upscale"])
+def test_nan_flag_exits_2_with_one_line(tmp_path, flag):
+    rc, err = _run(["serve", "--model", str(tmp_path / "missing"), flag, "nan"])
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "must be" in lines[0] and "nan" in lines[0]
+
+
+@pytest.mark.parametrize("name", ["upscale", "min_face_size"])
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "infinity"])
+def test_options_refuse_nan_and_inf(name, text):
+    with pytest.raises(RequestError) as e:
+        RestoreOptions.parse({name: text}, ServeConfig())
+    assert e.value.status == 400 and name in e.value.message
+    with pytest.raises(RequestError) as e:
+        RestoreOptions(**{name: float(text)})
+    assert e.value.status == 400 and name in e.value.message
+
+
 def test_defaults_bind_loopback_and_normalise_formats():
     cfg = ServeConfig(formats=("png", "webp"))
     assert cfg.host == "127.0.0.1" and cfg.formats == ("PNG", "WEBP") and cfg.api_key is None

@@ -7,6 +7,7 @@ one line (:class:`~osdface.errors.InvalidSettingError`, exit 2) and a bad reques
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -42,7 +43,7 @@ class RequestError(OSDFaceError, ValueError):
 
 
 def _bound(name: str, value, lo, hi=None) -> None:
-    if value < lo or (hi is not None and value > hi):
+    if not (lo <= value) or (hi is not None and not (value <= hi)):  # also refuses NaN
         where = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
         raise InvalidSettingError(f"{name} must be {where}, got {value}")
 
@@ -171,8 +172,10 @@ class RestoreOptions:
             raise RequestError(400, f"format {self.format!r}: choose from {', '.join(OUTPUT_FORMATS)}")
         if self.image_format not in MEDIA_TYPES:
             raise RequestError(400, f"image_format {self.image_format!r}: choose from {', '.join(MEDIA_TYPES)}")
-        if not (self.upscale >= 1):
-            raise RequestError(400, f"upscale must be >= 1, got {self.upscale}")
+        if not (1 <= self.upscale < math.inf):  # also refuses NaN
+            raise RequestError(400, f"upscale must be a finite number >= 1, got {self.upscale}")
+        if not (0 <= self.min_face_size < math.inf):
+            raise RequestError(400, f"min_face_size must be a finite number >= 0, got {self.min_face_size}")
         if self.aligned and self.upscale != 1:
             raise RequestError(400, "upscale applies to whole photos; an aligned crop is restored at its own size")
 
