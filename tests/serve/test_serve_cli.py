@@ -52,6 +52,31 @@ def test_options_refuse_nan_and_inf(name, text):
     assert e.value.status == 400 and name in e.value.message
 
 
+def test_face_models_hand_out_loses_no_race(tiny_model_dir, monkeypatch):
+    """The first models (built at load) go to one CPU thread; a thread that finds them taken by another
+    between its look and its take builds its own instead of failing (IndexError, a 500)."""
+    from _serve_helpers import load_test_engine
+
+    import osdface.cli.restore_photos as rp
+
+    built = []
+    monkeypatch.setattr(rp, "build_face_models", lambda args, device: built.append(1) or {"n": len(built)})
+    engine = load_test_engine(tiny_model_dir, cpu_workers=2)
+    face_models = engine._face_models
+    cell = face_models.__closure__[face_models.__code__.co_freevars.index("first")]
+
+    class TakenMeanwhile(list):
+        """Non-empty when looked at; another thread takes the item just before this one's pop."""
+
+        def pop(self, *a):
+            super().pop(*a)
+            raise IndexError("pop from empty list")
+
+    cell.cell_contents = TakenMeanwhile(cell.cell_contents)
+    assert face_models()["n"] == 2 and len(built) == 2
+    assert face_models()["n"] == 3
+
+
 def test_defaults_bind_loopback_and_normalise_formats():
     cfg = ServeConfig(formats=("png", "webp"))
     assert cfg.host == "127.0.0.1" and cfg.formats == ("PNG", "WEBP") and cfg.api_key is None

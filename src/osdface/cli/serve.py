@@ -110,7 +110,11 @@ def load_engine(args, config):
     first = [build()]  # checked now; handed to the first CPU thread
 
     def face_models() -> dict:
-        return first.pop() if first else build()
+        # CPU threads call this concurrently: pop and catch (a check before the pop could lose the race)
+        try:
+            return first.pop()
+        except IndexError:
+            return build()
 
     pipelines = [load_pipeline_from_args(args) for _ in range(config.replicas)]
     return RestoreEngine(config, pipelines, face_models)
