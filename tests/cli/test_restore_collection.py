@@ -399,3 +399,22 @@ def test_faceless_photos_after_a_face_do_not_pile_up(tree, model_dir, tmp_path, 
     assert all(r["error"] is None for _, r in seen)
     bound = max(prefetch, 8) + 1 + 2 * prefetch + 2  # the model stage, both queues, one item in each thread
     assert seen[0][0] <= bound, f"{seen[0][0]} of {n} photos read before the first was written"
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_and_resumed(tree, model_dir, tmp_path):
+    """b'caf\\xe9.jpg' (Latin-1 on a UTF-8 system) decodes to a lone surrogate: the report row is
+    written (JSON escapes it), and a re-run with --skip-existing finds it in the report."""
+    src = tmp_path / "src"
+    src.mkdir()
+    odd = Path(os.fsdecode(os.fsencode(str(src)) + b"/caf\xe9.jpg"))
+    odd.write_bytes((tree / "IMG_0000.jpg").read_bytes())
+    (src / "plain.png").write_bytes((tree / "IMG_0001.png").read_bytes())
+    report = tmp_path / "run.jsonl"
+    rc, err = _restore(src, "-o", tmp_path / "out", "--model", model_dir, "--report", report)
+    assert rc == 0, err
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
+    assert sorted(r["input"] for r in rows) == sorted([str(odd), str(src / "plain.png")])
+    assert (tmp_path / "out" / "caf\udce9.png").exists()
+    rc, err = _restore(src, "-o", tmp_path / "out", "--model", model_dir, "--report", report,
+                       "--skip-existing")
+    assert rc == 0 and "all 2 outputs exist already" in err, err

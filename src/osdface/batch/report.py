@@ -85,7 +85,9 @@ class JsonlReport:
 
     def write(self, row: dict[str, Any]) -> None:
         """Append one row as a line and flush it to the OS (it survives a killed process)."""
-        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        # ASCII with escapes: a file name that is not UTF-8 (a lone surrogate) round-trips through
+        # json.loads, where ensure_ascii=False could not be encoded to the UTF-8 file
+        self._file.write(json.dumps(row) + "\n")
         self._file.flush()
 
     def close(self) -> None:
