@@ -418,3 +418,16 @@ def test_a_file_name_that_is_not_utf8_is_reported_and_resumed(tree, model_dir, t
     rc, err = _restore(src, "-o", tmp_path / "out", "--model", model_dir, "--report", report,
                        "--skip-existing")
     assert rc == 0 and "all 2 outputs exist already" in err, err
+
+
+def test_input_list_entry_outside_its_folder_gets_the_flat_name(tree, model_dir, tmp_path):
+    """``../other/x.jpg`` in a list is normalised and lies outside the list's folder: OUT/x.png,
+    not OUT/../other/x.png (which made the whole run refuse)."""
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.png").write_bytes((tree / "IMG_0001.png").read_bytes())
+    lst = tmp_path / "lists" / "photos.txt"
+    lst.write_text("../other/x.png\n")
+    rc, err = _restore("--input-list", lst, "-o", tmp_path / "out", "--model", model_dir)
+    assert rc == 0, err
+    assert sorted(_files(tmp_path / "out")) == ["x.png"]

@@ -85,7 +85,12 @@ def scan_folder(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS, *, rec
 
 
 def _rel(path: Path, root: Path) -> PurePosixPath:
-    return PurePosixPath(*path.relative_to(root).with_suffix("").parts)
+    """``path`` below ``root`` without suffix (``a/b/x``). Raises ValueError when it is not below it,
+    ``..`` parts included (the output would leave the output folder)."""
+    rel = path.relative_to(root)
+    if ".." in rel.parts:
+        raise ValueError(f"{path} is not below {root}")
+    return PurePosixPath(*rel.with_suffix("").parts)
 
 
 def _glob_root(pattern: str) -> Path:
@@ -172,7 +177,8 @@ def read_input_list(source: str | os.PathLike) -> tuple[list[Path], Path]:
     ``source`` is a text file with one path per line (UTF-8; blank lines skipped; line ends and
     trailing ``\\r`` stripped, nothing else, so names may contain spaces or ``#``), or ``"-"`` for
     standard input (relative to the current folder). Relative entries are joined to the list's
-    folder; no glob expansion (names may contain ``[``).
+    folder and every entry is normalised (``..`` resolved by name, as ``os.path.normpath``); no glob
+    expansion (names may contain ``[``).
 
     Raises:
         InputListError: the list file is missing or unreadable (named).
@@ -192,7 +198,9 @@ def read_input_list(source: str | os.PathLike) -> tuple[list[Path], Path]:
     for line in text.split("\n"):
         line = line.rstrip("\r")
         if line.strip():
-            entries.append(Path(line).expanduser() if Path(line).expanduser().is_absolute() else root / line)
+            p = Path(line).expanduser()
+            # normalised (``a/../b`` → ``b``), so ``../other/x.jpg`` is seen to lie outside the list's folder
+            entries.append(Path(os.path.normpath(p if p.is_absolute() else root / p)))
     return entries, root
 
 
