@@ -133,6 +133,70 @@ def test_cancelled_waiters_are_skipped():
     assert out == [[10], [40]] and batches == [[1], [4]]
 
 
+def test_close_answers_the_running_batch_the_queue_and_later_submits():
+    """close() while a batch runs: its waiters, the queued ones and a later submit all get closed_error()
+    at once (before, the running batch's waiters were never answered)."""
+    class Closed(Exception):
+        pass
+
+    async def main():
+        model = GatedModel()
+        b = FaceBatcher(model, replicas=1, max_batch=1, max_wait_s=0.0, closed_error=lambda: Closed("closing"))
+        running = asyncio.ensure_future(b.submit([1]))
+        await _wait_started(model)
+        queued = asyncio.ensure_future(b.submit([2]))
+        await asyncio.sleep(0)
+        try:
+            await b.close()
+            out = await asyncio.wait_for(asyncio.gather(running, queued, return_exceptions=True), 60)
+            with pytest.raises(Closed):
+                await b.submit([3])
+        finally:
+            model.gate.set()
+        return out
+
+    out = asyncio.run(main())
+    assert [type(x) for x in out] == [Closed, Closed]
+
+
+def test_engine_close_fails_waiting_faces_with_503(tiny_model_dir):
+    from _serve_helpers import load_test_engine
+
+    from osdface.serve.config import RequestError
+    from osdface.testing import synthetic_faces
+
+    engine = load_test_engine(tiny_model_dir, retry_after_s=7)
+    crop = synthetic_faces(1, seed=2)[0]
+    gate, started = threading.Event(), threading.Event()
+    restorer = engine._model_restorers[0]["wavelet"]
+    real = restorer.restore_crops
+
+    def held(crops):
+        started.set()
+        gate.wait(60)
+        return real(crops)
+
+    restorer.restore_crops = held
+
+    async def main():
+        await engine.start()
+        batcher = engine.batcher
+        running = asyncio.ensure_future(batcher.submit([(crop, "wavelet")]))
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 60)
+            await engine.close()
+            [err] = await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), 60)
+            with pytest.raises(RequestError) as later:
+                await batcher.submit([(crop, "wavelet")])
+        finally:
+            gate.set()
+        return err, later.value
+
+    for err in asyncio.run(main()):
+        assert isinstance(err, RequestError) and err.status == 503 and "shutting down" in err.message
+        assert err.headers == {"Retry-After": "7"}
+
+
 def test_bounds_are_checked():
     async def main():
         with pytest.raises(ValueError):

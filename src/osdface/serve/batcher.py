@@ -44,15 +44,20 @@ class FaceBatcher(Generic[T, R]):
         replicas: number of model workers (batches run concurrently, one per replica).
         max_batch: most items per batch (1 = no batching).
         max_wait_s: bounded wait for a batch to fill (0 = take what is there).
+        closed_error: builds the exception given to items the batcher will not answer because it is
+            closing (queued, or in a batch whose worker :meth:`close` stopped) and raised by :meth:`submit`
+            after close; the engine's is a 503 with ``Retry-After``.
 
     Must be created and used inside one running event loop; :meth:`close` stops it.
     """
 
     def __init__(self, run_batch: Callable[[int, list[T]], Sequence[R]], replicas: int = 1, max_batch: int = 8,
-                 max_wait_s: float = 0.02) -> None:
+                 max_wait_s: float = 0.02,
+                 closed_error: Callable[[], BaseException] = lambda: RuntimeError("the batcher is closed")) -> None:
         if replicas < 1 or max_batch < 1 or max_wait_s < 0:
             raise ValueError(f"replicas {replicas} and max_batch {max_batch} must be >= 1, max_wait_s >= 0")
         self._run_batch = run_batch
+        self._closed_error = closed_error
         self.max_batch, self.max_wait_s = int(max_batch), float(max_wait_s)
         self._queue: deque[tuple[T, asyncio.Future, float]] = deque()
         self._arrived = asyncio.Event()
@@ -68,7 +73,7 @@ class FaceBatcher(Generic[T, R]):
     async def submit(self, items: Sequence[T]) -> list[R]:
         """Queue ``items`` (all at once, so a request's faces stay together) and wait for their results."""
         if not self._workers:
-            raise RuntimeError("the batcher is closed")
+            raise self._closed_error()
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         futures = [loop.create_future() for _ in items]
@@ -111,6 +116,9 @@ class FaceBatcher(Generic[T, R]):
                 results = await loop.run_in_executor(self._executors[replica], self._run_batch, replica, items)
                 if len(results) != len(items):
                     raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} items")
+            except asyncio.CancelledError:  # close() stopped this worker mid-batch: answer its waiters now
+                self._fail([fut for _, fut, _ in batch])
+                raise
             except Exception as exc:  # noqa: BLE001 - handed to the waiters of this batch, who report it
                 for _, fut, _ in batch:
                     if not fut.done():
@@ -127,14 +135,18 @@ class FaceBatcher(Generic[T, R]):
                     fut.set_result(res)
 
     async def close(self) -> None:
-        """Stop the workers (batches running finish in their threads) and fail anything still queued."""
+        """Stop the workers and fail every item not answered yet (queued, or in a batch that was running: its
+        thread finishes and the results are dropped) with ``closed_error()``."""
         for w in self._workers:
             w.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
-        while self._queue:
-            _, fut, _ = self._queue.popleft()
-            if not fut.done():
-                fut.set_exception(RuntimeError("the service is shutting down"))
+        self._fail([fut for _, fut, _ in self._queue])
+        self._queue.clear()
         for ex in self._executors:
             ex.shutdown(wait=False)
+
+    def _fail(self, futures: list[asyncio.Future]) -> None:
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(self._closed_error())

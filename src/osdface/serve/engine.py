@@ -135,13 +135,17 @@ class RestoreEngine:
     async def start(self) -> None:
         """Start the batcher in the running loop (idempotent; :meth:`restore` calls it)."""
         if self._closed:
-            raise RuntimeError("this engine was closed")
+            raise self._shutting_down()
         if self._batcher is None:
             self._batcher = FaceBatcher(self._run_batch, replicas=self.config.replicas,
-                                        max_batch=self.config.max_batch, max_wait_s=self.config.batch_wait_ms / 1000)
+                                        max_batch=self.config.max_batch, max_wait_s=self.config.batch_wait_ms / 1000,
+                                        closed_error=self._shutting_down)
+
+    def _shutting_down(self) -> RequestError:
+        return RequestError(503, "the service is shutting down", {"Retry-After": str(self.config.retry_after_s)})
 
     async def close(self) -> None:
-        """Stop the batcher and the CPU threads."""
+        """Stop the batcher and the CPU threads; faces not restored yet fail with 503 (:meth:`_shutting_down`)."""
         self._closed = True
         if self._batcher is not None:
             await self._batcher.close()
@@ -167,7 +171,7 @@ class RestoreEngine:
         """
         retry = {"Retry-After": str(self.config.retry_after_s)}
         if self._closed:
-            raise RequestError(503, "the service is shutting down", retry)
+            raise self._shutting_down()
         if self._in_flight >= self.config.max_queue:
             raise RequestError(503, f"the service is busy ({self._in_flight} requests in progress); retry later",
                                retry)
