@@ -33,12 +33,14 @@ def test_config_refuses_nan_and_inf(field, value):
         ServeConfig(**{field: value})
 
 
-@pytest.mark.parametrize("flag", ["--batch-wait-ms", "--timeout", "--max-upscale"])
-def test_nan_flag_exits_2_with_one_line(tmp_path, flag):
-    rc, err = _run(["serve", "--model", str(tmp_path / "missing"), flag, "nan"])
+@pytest.mark.parametrize("flag", ["--batch-wait-ms", "--timeout", "--max-upscale", "--max-upload-mb",
+                                  "--max-pixels", "--max-output-pixels"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_nan_flag_exits_2_with_one_line(tmp_path, flag, value):
+    rc, err = _run(["serve", "--model", str(tmp_path / "missing"), flag, value])
     assert rc == 2
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "must be" in lines[0] and "nan" in lines[0]
+    assert len(lines) == 1 and "must be" in lines[0] and value in lines[0]
 
 
 @pytest.mark.parametrize("name", ["upscale", "min_face_size"])

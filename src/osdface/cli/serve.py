@@ -9,8 +9,10 @@ imported inside :func:`run` (``pip install osdface[serve]``).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
+from ..errors import InvalidSettingError
 from .common import CLIError, add_model_args
 
 #: the environment variable read when --api-key is not given
@@ -70,6 +72,13 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _scaled(name: str, value: float, scale: float) -> int:
+    """``value × scale`` as an int; NaN or infinity is a setting error (one line), not a ValueError."""
+    if not math.isfinite(value):
+        raise InvalidSettingError(f"{name} must be a finite number, got {value}")
+    return int(value * scale)
+
+
 def config_from_args(args):
     """:class:`~osdface.serve.config.ServeConfig` from the flags (bounds checked there)."""
     from ..serve.config import ServeConfig
@@ -80,8 +89,10 @@ def config_from_args(args):
     formats = tuple(f.strip().upper().replace("JPG", "JPEG") for f in args.formats.split(",") if f.strip())
     return ServeConfig(
         host=args.host, port=args.port, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-        replicas=args.replicas, cpu_workers=args.cpu_workers, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-        max_pixels=int(args.max_pixels * 1e6), max_output_pixels=int(args.max_output_pixels * 1e6), formats=formats,
+        replicas=args.replicas, cpu_workers=args.cpu_workers,
+        max_upload_bytes=_scaled("max_upload_bytes", args.max_upload_mb, 1024 * 1024),
+        max_pixels=_scaled("max_pixels", args.max_pixels, 1e6),
+        max_output_pixels=_scaled("max_output_pixels", args.max_output_pixels, 1e6), formats=formats,
         request_timeout_s=args.timeout, max_queue=args.max_queue, max_faces=args.max_faces,
         max_upscale=args.max_upscale, api_key=key,
     )
