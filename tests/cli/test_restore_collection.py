@@ -431,3 +431,25 @@ def test_input_list_entry_outside_its_folder_gets_the_flat_name(tree, model_dir,
     rc, err = _restore("--input-list", lst, "-o", tmp_path / "out", "--model", model_dir)
     assert rc == 0, err
     assert sorted(_files(tmp_path / "out")) == ["x.png"]
+
+
+def test_side_outputs_do_not_collide_with_other_outputs(tree, model_dir, tmp_path):
+    """--compare / --save-faces outputs are planned like main outputs: in/x.png's compare sheet would be
+    out/compare/x.png, already in/compare/x.png's output; in/cropped_faces/a_00.png's output would be
+    one of in/a.png's face crops. The later input is refused by name; nothing is written twice."""
+    src = tmp_path / "in"
+    for name in ("x.png", "compare/x.png", "a.png", "cropped_faces/a_00.png"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes((tree / "IMG_0001.png").read_bytes())
+    rc, err = _restore(src, "-o", tmp_path / "out", "--model", model_dir, "--compare", "--save-faces")
+    assert rc == 1, err
+    assert (f"{src / 'x.png'}: side output (--compare/--save-faces) compare/x.png already used by "
+            f"{src / 'compare' / 'x.png'}") in err
+    assert f"{src / 'cropped_faces' / 'a_00.png'}: output name cropped_faces/a_00.png already used by {src / 'a.png'}" in err
+    assert "restored 2 of 2 inputs" in err and "2 failed" in err
+    # out/compare/x.png is in/compare/x.png restored, not in/x.png's side-by-side sheet (twice as wide)
+    assert Image.open(tmp_path / "out" / "compare" / "x.png").size == Image.open(src / "compare" / "x.png").size
+    assert sorted(_files(tmp_path / "out")) == sorted([
+        "a.png", "compare/a.png", "cropped_faces/a_00.png", "restored_faces/a_00.png", "cmp/a_00.png",
+        "compare/x.png", "compare/compare/x.png", "compare/cropped_faces/x_00.png",
+        "compare/restored_faces/x_00.png", "compare/cmp/x_00.png"])

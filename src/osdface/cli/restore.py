@@ -121,6 +121,15 @@ def side_dirs(out_dir: Path, args) -> list[Path]:
     return dirs
 
 
+_CROP_NAME = re.compile(r"(.*)_\d{2,}\.([^.]*)")
+
+
+def _crop_key(key: Path) -> tuple[Path, str, str] | None:
+    """``(folder, stem, ext)`` when ``key`` is named like a face crop ``<stem>_NN.<ext>``."""
+    m = _CROP_NAME.fullmatch(key.name)
+    return (key.parent, m[1], m[2]) if m else None
+
+
 def _plan(files: list, out_dir: Path, args) -> list[tuple[Path, Path | None, str | None]]:
     """``(input, output or None, problem or None)`` per input, in order (see :func:`plan_outputs`)."""
     from ..batch.inputs import InputPhoto
@@ -135,12 +144,17 @@ def _plan(files: list, out_dir: Path, args) -> list[tuple[Path, Path | None, str
         for k in {written_entry(f), f.resolve()}:  # the name given and, through symlinks, the file itself
             inputs.setdefault(k, f)
             by_folder.setdefault(k.parent, []).append(k)
+    # face crops (<stem>_NN.<ext>, their number known only after detection) of the inputs so far, and the
+    # outputs so far named like one: (folder, stem, ext) -> input; dicts, so a large run plans in linear time
+    crops_taken: dict[tuple[Path, str, str], Path] = {}
+    crop_named: dict[tuple[Path, str, str], Path] = {}
     for ph in photos:
         f = ph.path
         out = _output_path(out_dir, ph, args)
         key = written_entry(out)
-        if key in taken:
-            plan.append((f, None, f"{f}: output name {out.relative_to(out_dir)} already used by {taken[key]}; "
+        user = taken.get(key) or crops_taken.get(_crop_key(key))
+        if user is not None:
+            plan.append((f, None, f"{f}: output name {out.relative_to(out_dir)} already used by {user}; "
                                   "rename one input"))
             continue
         if key in inputs:
@@ -160,7 +174,20 @@ def _plan(files: list, out_dir: Path, args) -> list[tuple[Path, Path | None, str
             plan.append((f, None, f"{f}: a side output (--compare/--save-faces) would overwrite the input {clash}; "
                                   "choose another output folder or --suffix"))
             continue
-        taken[key] = f
+        crops = {(folder.resolve(), out.stem, out.suffix.lstrip(".")): folder for folder, _ in patterns}
+        side = next(((x.relative_to(out_dir), g) for x in exact
+                     if (g := taken.get(written_entry(x)) or crops_taken.get(_crop_key(written_entry(x))))), None)
+        side = side or next(((f"{crops[c].relative_to(out_dir)}/{c[1]}_NN.{c[2]}", crop_named[c])
+                             for c in crops if c in crop_named), None)
+        if side is not None:
+            plan.append((f, None, f"{f}: side output (--compare/--save-faces) {side[0]} already used by {side[1]}; "
+                                  "rename one input"))
+            continue
+        for k in (key, *map(written_entry, exact)):
+            taken[k] = f
+            if _crop_key(k) is not None:
+                crop_named.setdefault(_crop_key(k), f)
+        crops_taken.update((c, f) for c in crops)
         plan.append((f, out, None))
     return plan
 
