@@ -18,7 +18,6 @@ import uuid
 from collections import deque
 from pathlib import Path
 
-from ..image import LoadedImage
 from .config import RequestError, RestoreOptions
 from .engine import RestoreEngine
 
@@ -65,17 +64,20 @@ def build_demo(engine: RestoreEngine):
     cfg = engine.config
     downloads = DemoDownloads()
 
-    async def restore(image, mode, upscale, color_fix, only_center, fmt):
-        if image is None:
+    async def restore(image_path, mode, upscale, color_fix, only_center, fmt):
+        if not image_path:
             raise gr.Error("Upload a photo first.")
         aligned = mode == MODES[1]
         try:
             options = RestoreOptions(aligned=aligned, upscale=1.0 if aligned else float(upscale), color_fix=color_fix,
                                      only_center_face=bool(only_center), format=fmt)
-            out = await engine.restore(LoadedImage(rgb=image, alpha=None), options)
+            # the file's bytes, as the API gets them: the engine reads the size from the header (--max-pixels)
+            # before decoding; the upload's size is bounded by Gradio's max_file_size (--max-upload-mb)
+            data = Path(image_path).read_bytes()
+            out = await engine.restore(data, options)
         except RequestError as e:
             raise gr.Error(e.message) from None
-        before = image
+        before = out.input_rgb
         if before.shape[:2] != out.image.shape[:2]:
             import cv2
 
@@ -94,7 +96,9 @@ def build_demo(engine: RestoreEngine):
                     "FFHQ-aligned face crop), pick the options and press **Restore**.")
         with gr.Row():
             with gr.Column(scale=1):
-                inp = gr.Image(type="numpy", image_mode="RGB", label="Input photo", sources=["upload", "clipboard"],
+                # a file path with no image_mode: Gradio only opens the header, never decodes the upload (the
+                # engine checks --max-pixels before it decodes)
+                inp = gr.Image(type="filepath", image_mode=None, label="Input photo", sources=["upload", "clipboard"],
                                elem_id="input-image")
                 mode = gr.Radio(list(MODES), value=MODES[0], label="Input is")
                 upscale = gr.Slider(1, cfg.max_upscale, value=1, step=0.5, label="Upscale (whole photos)")

@@ -58,6 +58,7 @@ class RestoreOutcome:
         options: the options the request was run with.
         seconds: time from admission to the encoded result.
         aligned_lq: the aligned input crop (``options.aligned`` only).
+        input_rgb: the decoded input (the demo's "before").
     """
 
     image: np.ndarray
@@ -69,6 +70,7 @@ class RestoreOutcome:
     options: RestoreOptions
     seconds: float = 0.0
     aligned_lq: np.ndarray | None = field(default=None, repr=False)
+    input_rgb: np.ndarray | None = field(default=None, repr=False)
 
     def report(self) -> dict:
         """The ``format=json`` answer: sizes, faces (box, landmarks, score, and the identity similarity
@@ -274,7 +276,8 @@ class RestoreEngine:
         self.metrics.faces.inc(len(restored))
         encoded = encode_image(image, alpha, fmt, quality=options.quality)
         return RestoreOutcome(image=image, alpha=alpha, faces=faces, encoded=encoded, media_type=MEDIA_TYPES[fmt],
-                              input_size=prepared.rgb.shape[:2], options=options, aligned_lq=lq)
+                              input_size=prepared.rgb.shape[:2], options=options, aligned_lq=lq,
+                              input_rgb=prepared.rgb)
 
     # ------------------------------------------------------------------ the model (replica threads)
     def _run_batch(self, replica: int, items: list[tuple[np.ndarray, str]]) -> list[np.ndarray | Exception]:
