@@ -453,3 +453,21 @@ def test_side_outputs_do_not_collide_with_other_outputs(tree, model_dir, tmp_pat
         "a.png", "compare/a.png", "cropped_faces/a_00.png", "restored_faces/a_00.png", "cmp/a_00.png",
         "compare/x.png", "compare/compare/x.png", "compare/cropped_faces/x_00.png",
         "compare/restored_faces/x_00.png", "compare/cmp/x_00.png"])
+
+
+def test_identity_summary_keeps_running_totals_not_faces():
+    """The end-of-run identity line is computed from running totals: no face's JSON is kept."""
+    from osdface.cli.face_quality_args import IdentityTotals, collect_identity, identity_summary
+
+    rows: list[dict] = []
+    totals = IdentityTotals()
+    on_row = collect_identity(rows.append, totals)
+    assert identity_summary(totals) is None
+    for i in range(1000):
+        on_row({"input": f"p{i}.png", "faces": [{"identity": 0.5 + (i % 5) / 10, "identity_flagged": i % 100 == 0,
+                                                 "kept_original": i % 200 == 0}], "error": None})
+    on_row({"input": "bad.png", "faces": [], "error": "x"})
+    assert len(rows) == 1001
+    assert all(isinstance(v, (int, float)) for v in vars(totals).values()), "constant memory"
+    assert identity_summary(totals) == ("identity (SFace, input vs restored face): mean 0.700, min 0.500 over "
+                                        "1000 faces; 10 below --min-identity (5 kept original)")

@@ -9,7 +9,9 @@ prints at the end of a run. See docs/fidelity.md.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 
 def add_args(g) -> None:
@@ -48,26 +50,45 @@ def restorer_kwargs(args: argparse.Namespace) -> dict:
     return kw
 
 
-def collect_identity(on_row: Callable[[dict], None], into: list[dict]) -> Callable[[dict], None]:
-    """Wrap a report-row callback so that every face's JSON (with its identity) is also kept in ``into``."""
+@dataclass
+class IdentityTotals:
+    """Running totals of the identity check over a run (constant memory, however many faces)."""
+
+    count: int = 0
+    total: float = 0.0
+    low: float = math.inf
+    flagged: int = 0
+    kept: int = 0
+
+    def add(self, face: dict) -> None:
+        sim = float(face["identity"])
+        self.count += 1
+        self.total += sim
+        self.low = min(self.low, sim)
+        self.flagged += bool(face.get("identity_flagged"))
+        self.kept += bool(face.get("kept_original"))
+
+
+def collect_identity(on_row: Callable[[dict], None], into: IdentityTotals) -> Callable[[dict], None]:
+    """Wrap a report-row callback so that every face's identity is also added to ``into``."""
 
     def wrapped(row: dict) -> None:
-        into.extend(f for f in row.get("faces") or [] if isinstance(f, dict) and "identity" in f)
+        for f in row.get("faces") or []:
+            if isinstance(f, dict) and "identity" in f:
+                into.add(f)
         on_row(row)
 
     return wrapped
 
 
-def identity_summary(faces: list[dict]) -> str | None:
+def identity_summary(totals: IdentityTotals) -> str | None:
     """``"identity (SFace, input vs restored): mean 0.81, min 0.42 over 12 faces; 1 below --min-identity
     (kept original)"`` or ``None`` when no face was checked."""
-    sims = [f["identity"] for f in faces]
-    if not sims:
+    n = totals.count
+    if not n:
         return None
-    flagged = sum(bool(f.get("identity_flagged")) for f in faces)
-    kept = sum(bool(f.get("kept_original")) for f in faces)
-    text = (f"identity (SFace, input vs restored face): mean {sum(sims) / len(sims):.3f}, min {min(sims):.3f} "
-            f"over {len(sims)} face{'s' if len(sims) != 1 else ''}")
-    if flagged:
-        text += f"; {flagged} below --min-identity" + (f" ({kept} kept original)" if kept else "")
+    text = (f"identity (SFace, input vs restored face): mean {totals.total / n:.3f}, min {totals.low:.3f} "
+            f"over {n} face{'s' if n != 1 else ''}")
+    if totals.flagged:
+        text += f"; {totals.flagged} below --min-identity" + (f" ({totals.kept} kept original)" if totals.kept else "")
     return text

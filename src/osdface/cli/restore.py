@@ -319,10 +319,10 @@ class _StreamingReport:
 def _run_planned(args, out_dir: Path, plan, problems: list[str], streaming: bool, resume: bool,
                  done: set[str]) -> int:
     from ..batch.stages import failure_row
-    from .face_quality_args import collect_identity, identity_summary
+    from .face_quality_args import IdentityTotals, collect_identity, identity_summary
     from .restore_photos import build_face_models, face_layer_device, restore_photos, write_report
 
-    jobs, skipped, problem_rows, identities = [], 0, [], []
+    jobs, skipped, problem_rows, identities = [], 0, [], IdentityTotals()
     for f, out, problem in plan:
         if resume and str(f) in done:
             skipped += 1
