@@ -348,6 +348,24 @@ def test_wrong_method(client):
     assert_refused(client.get("/v1/restore"), 405)
 
 
+@pytest.mark.parametrize("field,status", [("image", 200), ("photo", 400)])
+def test_multipart_upload_is_closed_when_answered(client, sample_rgb, monkeypatch, field, status):
+    """The form's spooled upload file is closed by the request (answered or refused), not left to the GC."""
+    from starlette.datastructures import UploadFile
+
+    closed: list[str] = []
+    real_close = UploadFile.close
+
+    async def close(self):
+        closed.append(self.filename)
+        await real_close(self)
+
+    monkeypatch.setattr(UploadFile, "close", close)
+    resp = client.post("/v1/restore", files={field: ("up.png", encode(sample_rgb, "PNG"))})
+    assert resp.status_code == status, resp.text
+    assert closed == ["up.png"]
+
+
 def test_nothing_from_the_request_reaches_the_file_system(client, sample_rgb, tmp_path, monkeypatch):
     """A multipart file name with a path and options that look like paths are never written or opened."""
     monkeypatch.chdir(tmp_path)

@@ -205,17 +205,19 @@ def create_app(engine: RestoreEngine):
             values[key] = value
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
-            form = await request.form(max_files=1, max_fields=32)
             data = None
-            for key, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    if key != "image":
-                        raise RequestError(400, f"multipart file field {key!r}: send the image as the field 'image'")
-                    data = await value.read()
-                elif key in values:
-                    raise RequestError(400, f"option {key!r} given twice")
-                else:
-                    values[key] = value
+            # closed on the way out (also on a refusal): the spooled temp file of the upload goes at once
+            async with request.form(max_files=1, max_fields=32) as form:
+                for key, value in form.multi_items():
+                    if isinstance(value, UploadFile):
+                        if key != "image":
+                            raise RequestError(400, f"multipart file field {key!r}: send the image as the field "
+                                                    "'image'")
+                        data = await value.read()
+                    elif key in values:
+                        raise RequestError(400, f"option {key!r} given twice")
+                    else:
+                        values[key] = value
             if data is None:
                 raise RequestError(400, "no image: the multipart form needs a file field 'image'")
         elif ctype in ("application/x-www-form-urlencoded", "text/plain", "application/json") or (
