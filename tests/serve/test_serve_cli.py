@@ -79,6 +79,13 @@ def test_face_models_hand_out_loses_no_race(tiny_model_dir, monkeypatch):
     assert face_models()["n"] == 3
 
 
+def test_one_line_folds_every_refusal():
+    from osdface.serve.config import one_line
+
+    assert one_line("a\n  b\tc\r\n") == "a b c" and one_line(ValueError("x\ny")) == "x y"
+    assert RequestError(400, "line one\nline two").message == "line one line two"
+
+
 def test_defaults_bind_loopback_and_normalise_formats():
     cfg = ServeConfig(formats=("png", "webp"))
     assert cfg.host == "127.0.0.1" and cfg.formats == ("PNG", "WEBP") and cfg.api_key is None

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 
 from .._version import __version__
 from ..utils.logging import get_logger
-from .config import RequestError, RestoreOptions, ServeConfig
+from .config import RequestError, RestoreOptions, ServeConfig, one_line
 from .engine import RestoreEngine
 
 logger = get_logger(__name__)
@@ -43,7 +43,7 @@ RAW_TYPES = ("image/png", "image/jpeg", "image/webp", "image/jpg", "application/
 def _error_body(message: str) -> bytes:
     import json
 
-    return json.dumps({"detail": " ".join(str(message).split())}).encode()
+    return json.dumps({"detail": one_line(message)}).encode()
 
 
 async def _send_error(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
@@ -166,7 +166,7 @@ def create_app(engine: RestoreEngine):
     @app.exception_handler(HTTPException)
     async def _http_error(request, exc: HTTPException):
         engine.metrics.refused(exc.status_code)
-        return JSONResponse({"detail": " ".join(str(exc.detail).split())}, status_code=exc.status_code,
+        return JSONResponse({"detail": one_line(exc.detail)}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

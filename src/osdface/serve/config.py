@@ -25,6 +25,12 @@ MAX_OUTPUT_SIDE = {"png": 2**31 - 1, "jpeg": 65535, "webp": 16383}
 COLOR_FIXES = ("wavelet", "adain", "none")
 
 
+def one_line(text) -> str:
+    """``text`` (anything ``str()`` takes) with every run of whitespace, newlines included, folded to one
+    space: how every refusal's ``detail`` is sent (no multi-line bodies, no traceback layout)."""
+    return " ".join(str(text).split())
+
+
 class RequestError(OSDFaceError, ValueError):
     """A request the service refuses; ``status`` is the HTTP status, the message one line for the client.
 
@@ -35,7 +41,7 @@ class RequestError(OSDFaceError, ValueError):
     """
 
     def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
-        message = " ".join(str(message).split())
+        message = one_line(message)
         super().__init__(message)
         self.status = int(status)
         self.message = message
