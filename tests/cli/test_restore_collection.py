@@ -471,3 +471,36 @@ def test_identity_summary_keeps_running_totals_not_faces():
     assert all(isinstance(v, (int, float)) for v in vars(totals).values()), "constant memory"
     assert identity_summary(totals) == ("identity (SFace, input vs restored face): mean 0.700, min 0.500 over "
                                         "1000 faces; 10 below --min-identity (5 kept original)")
+
+
+def test_ray_workers_taking_every_local_cpu_are_refused():
+    """On a local Ray this call started, workers that leave no CPU for the read/write tasks would stall
+    forever: refused with the numbers and what to pass. On a cluster (an autoscaler may add nodes): a warning."""
+    from osdface.batch.ray_engine import _check_resources
+    from osdface.errors import InvalidSettingError
+
+    with pytest.raises(InvalidSettingError, match=r"--workers 2 x --cpus-per-worker 1 .* local Ray's 2 CPUs.*"
+                                                  r"pass --cpus-per-worker 0\.5"):
+        _check_resources({"CPU": 2.0}, 2, 0.0, 1.0, 1.0, local=True)
+    with pytest.raises(InvalidSettingError, match=r"need 2 GPUs; the local Ray has 1: pass --workers 1"):
+        _check_resources({"CPU": 8.0, "GPU": 1.0}, 2, 1.0, 1.0, 1.0, local=True)
+    _check_resources({"CPU": 2.0}, 2, 0.0, 0.5, 1.0, local=True)  # the docs' laptop example on 2 cores
+    _check_resources({"CPU": 2.0}, 2, 0.0, 1.0, 1.0, local=False)  # a cluster: warned only
+
+
+@pytest.mark.slow
+def test_ray_local_start_refuses_workers_that_take_every_cpu(tmp_path):
+    import ray
+
+    from osdface.batch.ray_engine import RayStages, restore_collection_ray
+    from osdface.batch.stages import PhotoJob
+    from osdface.errors import InvalidSettingError
+
+    assert not ray.is_initialized()
+    with pytest.raises(InvalidSettingError, match="pass --cpus-per-worker 0.5"):
+        restore_collection_ray([PhotoJob(tmp_path / "a.png", tmp_path / "out" / "a.png")],
+                               RayStages(face_stage=dict, model_stage=dict), print, workers=2, cpus_per_worker=1,
+                               gpus_per_worker=0,
+                               init_kwargs={"num_cpus": 2, "object_store_memory": 200 * 1024**2,
+                                            "_node_ip_address": "127.0.0.1"})
+    assert not ray.is_initialized(), "the Ray this call started is shut down"

@@ -212,6 +212,8 @@ def restore_collection_ray(
         :class:`RayRunStats` (the inputs without a row are in ``lost``).
 
     Raises:
+        InvalidSettingError: this call started a local Ray and the model workers would take all its
+            CPUs or GPUs (the read/write tasks could never run).
         Whatever ``on_row`` raises (a report that cannot be written) stops the job.
     """
     import ray
@@ -233,7 +235,8 @@ def restore_collection_ray(
         total = ray.cluster_resources()
         if gpus_per_worker is None:
             gpus_per_worker = 1.0 if total.get("GPU", 0.0) > 0 else 0.0
-        _check_resources(total, workers, gpus_per_worker, cpus_per_worker, stage_cpus)
+        _check_resources(total, workers, gpus_per_worker, cpus_per_worker, stage_cpus,
+                         local=started and address is None)
         ctx = ray.data.DataContext.get_current()
         ctx.max_errored_blocks = -1  # a block failing after its retries is dropped; its photos are reported lost
         n = len(jobs)
@@ -282,13 +285,36 @@ def restore_collection_ray(
     return stats
 
 
-def _check_resources(total: dict[str, float], workers: int, gpus: float, cpus: float, stage_cpus: float) -> None:
-    """Warn when the cluster, as it is now, cannot run the job (an autoscaler may still add nodes)."""
+def _check_resources(total: dict[str, float], workers: int, gpus: float, cpus: float, stage_cpus: float,
+                     local: bool = False) -> None:
+    """Check that the cluster, as it is now, can run the job.
+
+    On a cluster an autoscaler may still add nodes, so a shortfall is a warning. On a local Ray this
+    call started (``local``) nothing will be added: the model workers would take every CPU (or GPU)
+    and the read/write tasks never be scheduled, a permanent stall, so it is refused.
+
+    Raises:
+        InvalidSettingError: ``local`` and the workers leave no room (one line: the numbers and what to pass).
+    """
+    from ..errors import InvalidSettingError
+
     have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
     if workers * gpus > have_gpu:
+        if local:
+            raise InvalidSettingError(
+                f"--workers {workers} x --gpus-per-worker {gpus:g} need {workers * gpus:g} GPUs; the local Ray "
+                f"has {have_gpu:g}: pass --workers {max(1, int(have_gpu // gpus)) if gpus else 1} "
+                "(or fewer --gpus-per-worker)")
         logger.warning("%d workers x %g GPUs need %g GPUs; the Ray cluster has %g now (waiting for an autoscaler?)",
                        workers, gpus, workers * gpus, have_gpu)
     if workers * cpus + stage_cpus > have_cpu:
+        if local:
+            fit = (have_cpu - stage_cpus) / workers
+            hint = (f"pass --cpus-per-worker {math.floor(fit * 100) / 100:g} or fewer --workers" if fit >= 0.01
+                    else "pass fewer --workers")
+            raise InvalidSettingError(
+                f"--workers {workers} x --cpus-per-worker {cpus:g} leave less than {stage_cpus:g} CPU for the read "
+                f"and write stages on the local Ray's {have_cpu:g} CPUs (the job would stall); {hint}")
         logger.warning("%d workers x %g CPUs leave less than %g CPU for the read and write stages on a cluster "
                        "with %g CPUs; lower --workers or --cpus-per-worker (or wait for an autoscaler)",
                        workers, cpus, stage_cpus, have_cpu)
