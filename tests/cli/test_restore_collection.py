@@ -504,3 +504,26 @@ def test_ray_local_start_refuses_workers_that_take_every_cpu(tmp_path):
                                init_kwargs={"num_cpus": 2, "object_store_memory": 200 * 1024**2,
                                             "_node_ip_address": "127.0.0.1"})
     assert not ray.is_initialized(), "the Ray this call started is shut down"
+
+
+def test_an_unreadable_subfolder_is_a_problem_naming_it(tree, tmp_path):
+    """A subfolder os.walk cannot list is reported by name, not skipped silently. (Made unreadable by a
+    path longer than PATH_MAX, which works as root too; chmod 000 does not stop root.)"""
+    from osdface.batch.inputs import collect_inputs
+
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.png").write_bytes((tree / "IMG_0001.png").read_bytes())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        for _ in range(20):  # 20 x 250 characters: > 4096, so the deepest folder cannot be opened by path
+            os.mkdir("d" * 250, dir_fd=fd)
+            nxt = os.open("d" * 250, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    finally:
+        os.close(fd)
+    photos, problems = collect_inputs([root])
+    assert [p.path for p in photos] == [root / "a.png"]
+    assert len(problems) == 1 and problems[0].startswith(str(root / ("d" * 250)))
+    assert "cannot read the folder" in problems[0]

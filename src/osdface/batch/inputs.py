@@ -66,17 +66,23 @@ def _is_under(p: Path, folders: Sequence[Path]) -> bool:
 
 
 def scan_folder(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS, *, recursive: bool = True,
-                exclude: Sequence[Path] = ()) -> list[Path]:
+                exclude: Sequence[Path] = (), problems: list[str] | None = None) -> list[Path]:
     """Image files under ``root``, sorted by their path relative to ``root``.
 
     Hidden files and folders and osdface temporaries are skipped; folders in ``exclude`` (resolved
     paths, e.g. the output folder when it lies inside an input folder) are not entered; symlinked
-    folders are not followed (no loops).
+    folders are not followed (no loops). A subfolder that cannot be read is a line in ``problems``
+    naming it (never skipped silently).
     """
     if not recursive:
         return sorted(q for q in root.iterdir() if _scanned(q, extensions))
+
+    def unreadable(e: OSError) -> None:
+        if problems is not None:
+            problems.append(f"{e.filename}: cannot read the folder ({e.strerror}); its photos are not restored")
+
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         here = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames
                              if not d.startswith(".") and not _is_under((here / d).resolve(), exclude))
@@ -126,7 +132,7 @@ def collect_inputs(items: Iterable[str | os.PathLike], extensions: Sequence[str]
         text = os.fspath(item)
         p = Path(text).expanduser()
         if p.is_dir():
-            found = scan_folder(p, extensions, recursive=recursive, exclude=excluded)
+            found = scan_folder(p, extensions, recursive=recursive, exclude=excluded, problems=problems)
             if not found:
                 problems.append(f"{p}: folder contains no images ({', '.join(extensions)})")
             photos.extend(InputPhoto(q, _rel(q, p)) for q in found)
