@@ -527,3 +527,16 @@ def test_an_unreadable_subfolder_is_a_problem_naming_it(tree, tmp_path):
     assert [p.path for p in photos] == [root / "a.png"]
     assert len(problems) == 1 and problems[0].startswith(str(root / ("d" * 250)))
     assert "cannot read the folder" in problems[0]
+
+
+def test_input_list_with_a_bom_and_a_name_that_is_not_utf8(tmp_path):
+    """A list saved with a UTF-8 BOM does not glue it to the first name; a name that is not UTF-8 is
+    read as the file system spells it (as from standard input) instead of refusing the whole list."""
+    from osdface.batch.inputs import read_input_list
+
+    lst = tmp_path / "photos.txt"
+    lst.write_bytes(b"\xef\xbb\xbfa.png\r\ncaf\xe9.png\n\nsub/b c#.png\n")
+    entries, root = read_input_list(lst)
+    assert root == tmp_path.resolve()
+    assert entries == [root / "a.png", Path(os.fsdecode(os.fsencode(str(root)) + b"/caf\xe9.png")),
+                       root / "sub" / "b c#.png"]

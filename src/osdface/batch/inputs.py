@@ -33,7 +33,7 @@ _MAGIC = "*?["
 
 
 class InputListError(OSDFaceError, ValueError):
-    """An ``--input-list`` file cannot be read (missing, unreadable, not UTF-8)."""
+    """An ``--input-list`` file cannot be read (missing, unreadable)."""
 
 
 @dataclass(frozen=True)
@@ -180,29 +180,33 @@ def unique_photos(photos: Iterable[InputPhoto]) -> list[InputPhoto]:
 def read_input_list(source: str | os.PathLike) -> tuple[list[Path], Path]:
     """The entries of an input list and the folder they are relative to.
 
-    ``source`` is a text file with one path per line (UTF-8; blank lines skipped; line ends and
-    trailing ``\\r`` stripped, nothing else, so names may contain spaces or ``#``), or ``"-"`` for
-    standard input (relative to the current folder). Relative entries are joined to the list's
-    folder and every entry is normalised (``..`` resolved by name, as ``os.path.normpath``); no glob
-    expansion (names may contain ``[``).
+    ``source`` is a file with one path per line (names as the file system spells them, decoded like
+    ``os.fsdecode``, so a name that is not UTF-8 is kept; a UTF-8 byte-order mark is dropped; blank
+    lines skipped; line ends and trailing ``\\r`` stripped, nothing else, so names may contain spaces or
+    ``#``), or ``"-"`` for standard input (read the same way; relative to the current folder). Relative
+    entries are joined to the list's folder and every entry is normalised (``..`` resolved by name, as
+    ``os.path.normpath``); no glob expansion (names may contain ``[``).
 
     Raises:
         InputListError: the list file is missing or unreadable (named).
     """
     if os.fspath(source) == "-":
-        text, root = sys.stdin.read(), Path.cwd()
+        stdin_bytes = getattr(sys.stdin, "buffer", None)
+        data = stdin_bytes.read() if stdin_bytes is not None else os.fsencode(sys.stdin.read())
+        root = Path.cwd()
     else:
         path = Path(source).expanduser()
         try:
-            text = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
         except FileNotFoundError:
             raise InputListError(f"{path}: --input-list file not found") from None
-        except (OSError, UnicodeDecodeError) as e:
+        except OSError as e:
             raise InputListError(f"{path}: cannot read the --input-list file ({e})") from None
         root = path.parent.resolve()
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (Windows editors) is not part of the first name
     entries = []
-    for line in text.split("\n"):
-        line = line.rstrip("\r")
+    for raw in data.split(b"\n"):
+        line = os.fsdecode(raw.rstrip(b"\r"))
         if line.strip():
             p = Path(line).expanduser()
             # normalised (``a/../b`` → ``b``), so ``../other/x.jpg`` is seen to lie outside the list's folder
