@@ -540,3 +540,17 @@ def test_input_list_with_a_bom_and_a_name_that_is_not_utf8(tmp_path):
     assert root == tmp_path.resolve()
     assert entries == [root / "a.png", Path(os.fsdecode(os.fsencode(str(root)) + b"/caf\xe9.png")),
                        root / "sub" / "b c#.png"]
+
+
+@pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
+def test_collision_winner_and_shards_do_not_depend_on_argument_order(tree, model_dir, tmp_path, order):
+    """a/x.png and b/x.png named directly both want OUT/x.png: a/x.png (first by path) wins whatever
+    the argument order, so shard 2/2 (b/x.png) is the refused one either way."""
+    for d in "ab":
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x.png").write_bytes((tree / "IMG_0001.png").read_bytes())
+    rc, err = _restore(*(tmp_path / d / "x.png" for d in order), "-o", tmp_path / "out", "--model", model_dir,
+                       "--shard", "2/2")
+    assert rc == 1, err
+    assert f"{tmp_path / 'b' / 'x.png'}: output name x.png already used by {tmp_path / 'a' / 'x.png'}" in err
+    assert not (tmp_path / "out" / "x.png").exists()

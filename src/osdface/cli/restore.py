@@ -262,7 +262,12 @@ def run(args) -> int:
         shard = parse_shard(args.shard)
     extensions = IMAGE_EXTENSIONS if args.aligned else IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
     photos, problems = _collect(args, out_dir, extensions)
-    plan = _plan(photos, out_dir, args)
+    # output-name collisions are decided in path order, so which input wins (and so every shard's
+    # part) does not depend on the order of the arguments; the plan keeps the input order
+    by_path = sorted(range(len(photos)), key=lambda i: (str(photos[i].path), i))
+    plan = [None] * len(photos)
+    for i, entry in zip(by_path, _plan([photos[i] for i in by_path], out_dir, args)):
+        plan[i] = entry
     if shard is not None:
         from ..batch.inputs import shard_indices
 
