@@ -554,3 +554,16 @@ def test_collision_winner_and_shards_do_not_depend_on_argument_order(tree, model
     assert rc == 1, err
     assert f"{tmp_path / 'b' / 'x.png'}: output name x.png already used by {tmp_path / 'a' / 'x.png'}" in err
     assert not (tmp_path / "out" / "x.png").exists()
+
+
+def test_a_glob_takes_only_image_files(tree, tmp_path):
+    """dir/* filters by the image extensions, as a folder scan does: a .txt file is not an input."""
+    from osdface.batch.inputs import collect_inputs
+
+    (tmp_path / "a.png").write_bytes((tree / "IMG_0001.png").read_bytes())
+    (tmp_path / "notes.txt").write_text("scanned in 1987\n")
+    photos, problems = collect_inputs([str(tmp_path / "*")])
+    assert [p.path for p in photos] == [tmp_path / "a.png"] and problems == []
+    photos, problems = collect_inputs([str(tmp_path / "*.txt")])
+    assert photos == [] and problems == [f"{tmp_path / '*.txt'}: pattern matches no images (.png, .jpg, .jpeg, .bmp, "
+                                         ".webp, .tif, .tiff)"]

@@ -151,9 +151,10 @@ def collect_inputs(items: Iterable[str | os.PathLike], extensions: Sequence[str]
             root = _glob_root(os.path.expanduser(text))
             matched = sorted(Path(m) for m in glob.glob(os.path.expanduser(text), recursive=True)
                              if Path(m).is_file() and not is_temp_name(Path(m).name)
+                             and Path(m).suffix.lower() in extensions
                              and not _is_under(Path(m).resolve(), excluded))
             if not matched:
-                problems.append(f"{text}: pattern matches no files")
+                problems.append(f"{text}: pattern matches no images ({', '.join(extensions)})")
             for m in matched:
                 try:
                     rel = _rel(m, root) if recursive else PurePosixPath(m.stem)
