@@ -181,13 +181,17 @@ def test_no_overlap_gives_the_same_files(reference, tree, model_dir, tmp_path):
 @pytest.mark.slow
 def test_ray_engine_two_workers_gives_the_same_files_and_rows(reference, tree, model_dir, tmp_path):
     import ray
+    import ray.data
 
     out, rows, _ = reference
     ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.max_errored_blocks
     try:
         rc, err = _restore(*_args(tree, tmp_path / "out", model_dir, tmp_path / "run.jsonl", "--engine", "ray",
                                   "--workers", "2", "--cpus-per-worker", "0.5"))
+        assert ray.data.DataContext.get_current().max_errored_blocks == before, "the caller's Ray Data context is restored"
     finally:
         ray.shutdown()
     assert rc == 1, err

@@ -224,6 +224,7 @@ def restore_collection_ray(
     if not jobs:
         return stats
     started = False
+    ctx = saved_errored_blocks = None
     if not ray.is_initialized():
         kwargs = {"include_dashboard": False, "log_to_driver": False}
         kwargs.update(init_kwargs or {})
@@ -238,6 +239,7 @@ def restore_collection_ray(
         _check_resources(total, workers, gpus_per_worker, cpus_per_worker, stage_cpus,
                          local=started and address is None)
         ctx = ray.data.DataContext.get_current()
+        saved_errored_blocks = ctx.max_errored_blocks  # the caller's setting, restored at the end
         ctx.max_errored_blocks = -1  # a block failing after its retries is dropped; its photos are reported lost
         n = len(jobs)
         ds = ray.data.from_items([{"input": str(j.input), "output": str(j.output)} for j in jobs],
@@ -280,6 +282,8 @@ def restore_collection_ray(
         if stats.lost and stats.lost_reason is None:
             stats.lost_reason = "their block failed after every retry (see the Ray logs)"
     finally:
+        if ctx is not None:
+            ctx.max_errored_blocks = saved_errored_blocks
         if started:
             ray.shutdown()
     return stats
