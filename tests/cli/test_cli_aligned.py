@@ -112,10 +112,10 @@ def test_console_script_entry_point():
     assert r.returncode == 0 and r.stdout.startswith("osdface ")
 
 
-def test_plan_outputs_names_collisions_and_video_skip(tmp_path):
+def test_plan_names_collisions_and_keeps_video_outputs(tmp_path):
     import argparse
 
-    from osdface.cli.restore import plan_outputs
+    from osdface.cli.restore import _plan
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
@@ -123,12 +123,10 @@ def test_plan_outputs_names_collisions_and_video_skip(tmp_path):
         p.write_bytes(b"")
     out = tmp_path / "out"
     out.mkdir()
-    (out / "clip.mp4").write_bytes(b"done")
-    args = argparse.Namespace(suffix="", ext="png", aligned=False, skip_existing=True)
-    jobs, problems, skipped = plan_outputs([a / "x.png", b / "x.jpg", a / "clip.mp4"], out, args)
-    assert jobs == [(a / "x.png", out / "x.png")]
-    assert skipped == 1  # the finished video is recognised by its .mp4 output
-    assert len(problems) == 1 and "x.jpg" in problems[0] and "already used" in problems[0]
-    jobs, problems, _ = plan_outputs([a / "x.png"], a, argparse.Namespace(suffix="", ext="png", aligned=True,
-                                                                           skip_existing=False))
-    assert not jobs and "overwrite the input" in problems[0]
+    args = argparse.Namespace(suffix="", ext="png", aligned=False)
+    plan = _plan([a / "x.png", b / "x.jpg", a / "clip.mp4"], out, args)
+    assert plan[0] == (a / "x.png", out / "x.png", None)
+    assert plan[1][:2] == (b / "x.jpg", None) and "x.jpg" in plan[1][2] and "already used" in plan[1][2]
+    assert plan[2] == (a / "clip.mp4", out / "clip.mp4", None)  # a video's output is .mp4 (--skip-existing finds it)
+    (f, dst, problem), = _plan([a / "x.png"], a, argparse.Namespace(suffix="", ext="png", aligned=True))
+    assert dst is None and "overwrite the input" in problem

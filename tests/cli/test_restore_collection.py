@@ -571,3 +571,25 @@ def test_a_glob_takes_only_image_files(tree, tmp_path):
     photos, problems = collect_inputs([str(tmp_path / "*.txt")])
     assert photos == [] and problems == [f"{tmp_path / '*.txt'}: pattern matches no images (.png, .jpg, .jpeg, .bmp, "
                                          ".webp, .tif, .tiff)"]
+
+
+def test_stage_helpers_turn_failures_into_rows(tree, model_dir, tmp_path):
+    """prepare_or_error / write_or_failure_row, shared by both engines: a bad file comes back as its
+    exception, a write that fails as a ``cannot write`` row, an earlier error as its row."""
+    from osdface.batch.stages import PhotoJob, error_message, prepare_or_error, write_or_failure_row
+    from osdface.face import FaceRestorer
+    from osdface.io.model_folders import read_model_folder
+
+    restorer = FaceRestorer(None, detector="yunet", face_size=read_model_folder(model_dir).resolution)
+    bad = PhotoJob(tree / "2019" / "broken.jpg", tmp_path / "broken.png")
+    exc = prepare_or_error(restorer, bad)
+    assert isinstance(exc, Exception) and "cannot decode" in error_message(bad, exc)
+    assert write_or_failure_row(restorer, bad, None, [], error="gone") == {
+        "input": str(bad.input), "output": None, "faces": [], "error": "gone"}
+    (tmp_path / "file").write_text("")
+    job = PhotoJob(tree / "2020" / "empty.png", tmp_path / "file" / "empty.png")  # its folder is a file
+    prepared = prepare_or_error(restorer, job)
+    row = write_or_failure_row(restorer, job, prepared, [])
+    assert row["output"] is None and row["error"].startswith(f"{job.input}: cannot write {job.output}: ")
+    ok = PhotoJob(job.input, tmp_path / "out" / "empty.png")
+    assert write_or_failure_row(restorer, ok, prepared, [])["output"] == str(ok.output)

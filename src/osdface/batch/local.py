@@ -25,17 +25,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import first_line
 from ..face.batching import FaceBatcher
 from ..utils.logging import get_logger
 from .stages import (
     PhotoJob,
     WriteOptions,
     error_message,
-    failure_row,
-    prepare,
+    prepare_or_error,
     restore_faces,
-    write_photo,
+    write_or_failure_row,
 )
 
 logger = get_logger(__name__)
@@ -101,21 +99,7 @@ class _ModelStage:
 
 def _write(restorer, item: tuple, options: WriteOptions) -> dict[str, Any]:
     job, prepared, restored, error = item
-    if error is not None:
-        return failure_row(job, error)
-    try:
-        return write_photo(restorer, job, prepared, restored, options)
-    except Exception as exc:  # noqa: BLE001 - recorded per photo with its reason; the run goes on
-        logger.debug("writing %s failed", job.output, exc_info=True)
-        return failure_row(job, f"{job.input}: cannot write {job.output}: {first_line(exc)}")
-
-
-def _prepare(restorer, job: PhotoJob):
-    try:
-        return prepare(restorer, job)
-    except Exception as exc:  # noqa: BLE001 - recorded per photo with its reason; the run goes on
-        logger.debug("preparing %s failed", job.input, exc_info=True)
-        return exc
+    return write_or_failure_row(restorer, job, prepared, restored, options, error)
 
 
 def restore_collection(restorer, jobs: Iterable[PhotoJob], on_row: Callable[[dict[str, Any]], None],
@@ -151,7 +135,7 @@ def restore_collection(restorer, jobs: Iterable[PhotoJob], on_row: Callable[[dic
         stage = _ModelStage(restorer, emit, stats, hold=prefetch)
         for job in jobs:
             t = time.perf_counter()
-            item = _prepare(restorer, job)
+            item = prepare_or_error(restorer, job)
             stats.model_wait_s += time.perf_counter() - t
             stage.add(job, item)
         stage.finish()
@@ -175,7 +159,7 @@ def restore_collection(restorer, jobs: Iterable[PhotoJob], on_row: Callable[[dic
     def reader() -> None:
         try:
             for job in jobs:
-                if not put(in_q, (job, _prepare(restorer, job))):
+                if not put(in_q, (job, prepare_or_error(restorer, job))):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread, re-raised there
             failures.append(exc)

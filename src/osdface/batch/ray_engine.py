@@ -47,10 +47,9 @@ from .stages import (
     PhotoJob,
     WriteOptions,
     error_message,
-    failure_row,
-    prepare,
+    prepare_or_error,
     restore_faces,
-    write_photo,
+    write_or_failure_row,
 )
 
 logger = get_logger(__name__)
@@ -115,13 +114,10 @@ def _prepare_batch(batch: dict[str, np.ndarray], stages: RayStages) -> dict[str,
     restorer = _face_restorer(stages)
     blobs, errors = [], []
     for job in _jobs(batch):
-        try:
-            blobs.append(pickle.dumps(prepare(restorer, job), protocol=pickle.HIGHEST_PROTOCOL))
-            errors.append("")
-        except Exception as exc:  # noqa: BLE001 - recorded per photo with its reason; the job goes on
-            logger.debug("preparing %s failed", job.input, exc_info=True)
-            blobs.append(b"")
-            errors.append(error_message(job, exc))
+        prepared = prepare_or_error(restorer, job)
+        failed = isinstance(prepared, BaseException)
+        blobs.append(b"" if failed else pickle.dumps(prepared, protocol=pickle.HIGHEST_PROTOCOL))
+        errors.append(error_message(job, prepared) if failed else "")
     return {"input": batch["input"], "output": batch["output"],
             "prepared": np.array(blobs, dtype=object), "error": np.array(errors, dtype=object)}
 
@@ -165,16 +161,9 @@ def _write_batch(batch: dict[str, np.ndarray], stages: RayStages) -> dict[str, n
     restorer = _face_restorer(stages)
     rows = []
     for job, blob, error in zip(_jobs(batch), batch["prepared"].tolist(), batch["error"].tolist()):
-        if error:
-            rows.append(json.dumps(failure_row(job, error)))
-            continue
-        prepared = pickle.loads(blob)
-        try:
-            row = write_photo(restorer, job, prepared, [f.restored for f in prepared.faces], stages.options)
-        except Exception as exc:  # noqa: BLE001 - recorded per photo with its reason; the job goes on
-            logger.debug("writing %s failed", job.output, exc_info=True)
-            row = failure_row(job, f"{job.input}: cannot write {job.output}: {first_line(exc)}")
-        rows.append(json.dumps(row))
+        prepared = pickle.loads(blob) if not error else None
+        restored = [f.restored for f in prepared.faces] if prepared is not None else []
+        rows.append(json.dumps(write_or_failure_row(restorer, job, prepared, restored, stages.options, error or None)))
     return {"row": np.array(rows, dtype=object)}
 
 

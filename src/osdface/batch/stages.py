@@ -26,6 +26,9 @@ import numpy as np
 
 from ..errors import first_line
 from ..image import ImageError, read_image, save_image
+from ..utils.logging import get_logger
+
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,15 @@ def prepare(restorer, job: PhotoJob):
         ImageError: the file is unreadable, truncated, not an image or too large (named).
     """
     return restorer.prepare(read_image(job.input))
+
+
+def prepare_or_error(restorer, job: PhotoJob):
+    """:func:`prepare`, or the exception that stopped it (recorded per photo; the run goes on)."""
+    try:
+        return prepare(restorer, job)
+    except Exception as exc:  # noqa: BLE001 - recorded per photo with its reason; the run goes on
+        logger.debug("preparing %s failed", job.input, exc_info=True)
+        return exc
 
 
 def restore_faces(restorer, crops: list[np.ndarray]) -> list[np.ndarray]:
@@ -120,3 +132,16 @@ def write_photo(restorer, job: PhotoJob, prepared, restored: list[np.ndarray],
     if options.save_faces or not restorer.paste_back:
         save_faces(res, job.output, ext)
     return row
+
+
+def write_or_failure_row(restorer, job: PhotoJob, prepared, restored: list[np.ndarray],
+                         options: WriteOptions = WriteOptions(), error: str | None = None) -> dict[str, Any]:
+    """:func:`write_photo`'s row; the failure row of ``error`` (an earlier stage failed), or of
+    ``cannot write …`` when writing fails (recorded per photo; the run goes on)."""
+    if error is not None:
+        return failure_row(job, error)
+    try:
+        return write_photo(restorer, job, prepared, restored, options)
+    except Exception as exc:  # noqa: BLE001 - recorded per photo with its reason; the run goes on
+        logger.debug("writing %s failed", job.output, exc_info=True)
+        return failure_row(job, f"{job.input}: cannot write {job.output}: {first_line(exc)}")

@@ -131,7 +131,13 @@ def _crop_key(key: Path) -> tuple[Path, str, str] | None:
 
 
 def _plan(files: list, out_dir: Path, args) -> list[tuple[Path, Path | None, str | None]]:
-    """``(input, output or None, problem or None)`` per input, in order (see :func:`plan_outputs`)."""
+    """Pair inputs with outputs: ``(input, output or None, problem or None)`` per input, in order.
+
+    ``files`` are paths (flat output names) or :class:`~osdface.batch.inputs.InputPhoto` (mirrored
+    places). An input whose output (or side output: compare sheet, face crop) would replace any
+    input file of the run, or an output (or side output) of an earlier input, gets a problem naming
+    both instead of an output; the others still run.
+    """
     from ..batch.inputs import InputPhoto
 
     photos = [f if isinstance(f, InputPhoto) else InputPhoto(Path(f), PurePosixPath(Path(f).stem)) for f in files]
@@ -190,25 +196,6 @@ def _plan(files: list, out_dir: Path, args) -> list[tuple[Path, Path | None, str
         crops_taken.update((c, f) for c in crops)
         plan.append((f, out, None))
     return plan
-
-
-def plan_outputs(files: list, out_dir: Path, args) -> tuple[list[tuple[Path, Path]], list[str], int]:
-    """Pair inputs with outputs; report name collisions, never overwrite an input; honour --skip-existing.
-
-    ``files`` are paths (flat output names) or :class:`~osdface.batch.inputs.InputPhoto` (mirrored
-    places). An input whose output (or side output: compare sheet, face crop) would replace any
-    input file of the run, or the output of an earlier input, is refused with a problem naming
-    both; the others still run.
-    """
-    jobs, problems, skipped = [], [], 0
-    for f, out, problem in _plan(files, out_dir, args):
-        if problem is not None:
-            problems.append(problem)
-        elif args.skip_existing and out.exists():
-            skipped += 1
-        else:
-            jobs.append((f, out))
-    return jobs, problems, skipped
 
 
 def _collect(args, out_dir: Path, extensions) -> tuple[list, list[str]]:
@@ -343,8 +330,7 @@ def _run_planned(args, out_dir: Path, plan, problems: list[str], streaming: bool
     report = _StreamingReport(Path(args.report).expanduser(), resume) if streaming else None
     try:
         if not jobs:
-            for row in problem_rows if report is not None else []:
-                report.write(row)
+            _write_rows(report, problem_rows)
             if skipped:
                 print(f"all {skipped} outputs exist already (--skip-existing)", file=sys.stderr)
             elif not problems:
@@ -355,8 +341,7 @@ def _run_planned(args, out_dir: Path, plan, problems: list[str], streaming: bool
         on_row = collect_identity(on_row, identities)
         lost = 0
         if args.engine == "ray":
-            for row in problem_rows if report is not None else []:
-                report.write(row)
+            _write_rows(report, problem_rows)
             clean_output_dirs(*_output_folders(out_dir, jobs, args))
             failed, lost = _run_ray(args, jobs, on_row)
         else:
@@ -364,8 +349,7 @@ def _run_planned(args, out_dir: Path, plan, problems: list[str], streaming: bool
             face_models = None if args.aligned else build_face_models(args, face_layer_device(args))
             pipe = load_pipeline_from_args(args)
             clean_output_dirs(*_output_folders(out_dir, jobs, args))
-            for row in problem_rows if report is not None else []:
-                report.write(row)
+            _write_rows(report, problem_rows)
             if args.aligned:
                 failed = restore_aligned(pipe, jobs, args, on_row=on_row)
             else:
@@ -385,6 +369,12 @@ def _run_planned(args, out_dir: Path, plan, problems: list[str], streaming: bool
     print(f"restored {len(jobs) - failed - lost} of {len(jobs)} inputs into {out_dir}"
           + (f" ({skipped} skipped)" if skipped else "") + (f"; {n_bad} failed" if n_bad else ""), file=sys.stderr)
     return 1 if n_bad or report_failed else 0
+
+
+def _write_rows(report: _StreamingReport | None, rows: list[dict]) -> None:
+    """The rows of refused inputs into the streaming report (none without one)."""
+    for row in rows if report is not None else []:
+        report.write(row)
 
 
 def _output_folders(out_dir: Path, jobs: list[tuple[Path, Path]], args) -> list[Path]:
