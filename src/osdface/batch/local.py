@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..face.batching import FaceBatcher
+from ..face.batching import PhotoFaceQueue
 from ..utils.logging import get_logger
 from .stages import (
     PhotoJob,
@@ -68,13 +68,13 @@ class _ModelStage:
     """Collects prepared photos, runs full face batches, hands finished photos on in input order.
 
     At most ``max(prefetch, batch_size) + 1`` photos wait here: past that, the faces pending are run
-    before a full batch is there (:class:`~osdface.face.batching.FaceBatcher`; the call is still
+    before a full batch is there (:class:`~osdface.face.batching.PhotoFaceQueue`; the call is still
     padded to a full batch, so the bytes do not change).
     """
 
     def __init__(self, restorer, emit: Callable[[tuple], None], stats: RunStats, hold: int = 0) -> None:
         self.restorer, self.emit, self.stats = restorer, emit, stats
-        self.batcher = FaceBatcher(restorer.batch_size, self._restore, hold=hold)
+        self.batcher = PhotoFaceQueue(restorer.batch_size, self._restore, hold=hold)
 
     def add(self, job: PhotoJob, item) -> None:
         self._emit(self.batcher.add(job, item))

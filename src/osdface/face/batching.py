@@ -37,7 +37,7 @@ class BatchedPhoto:
         return self.error is not None or all(r is not None for r in self.restored)
 
 
-class FaceBatcher:
+class PhotoFaceQueue:
     """Batch the faces of photos across photos.
 
     Args:

@@ -348,9 +348,9 @@ class FaceRestorer:
         belong to are held in memory: when more than ``batch_size`` photos wait on a short batch
         (one face, then photos without faces), the faces pending are run without waiting for more.
         """
-        from .batching import FaceBatcher
+        from .batching import PhotoFaceQueue
 
-        batcher = FaceBatcher(self.batch_size, lambda crops: self.restore_crops(np.stack(crops)))
+        batcher = PhotoFaceQueue(self.batch_size, lambda crops: self.restore_crops(np.stack(crops)))
 
         def results(photos) -> Iterator[RestoreResult | Exception]:
             for p in photos:
