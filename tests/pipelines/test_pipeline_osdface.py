@@ -14,7 +14,7 @@ def official_forward(pipe, images_uint8):
     """The official ``infer.py`` forward written out step by step (batch 1, fp32, posterior mode)."""
     outs = []
     for img in images_uint8:
-        lq = torch.from_numpy(img).permute(2, 0, 1).float().div(255).unsqueeze(0) * 2 - 1  # ToTensor, *2-1
+        lq = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255).unsqueeze(0) * 2 - 1  # ToTensor, *2-1
         if lq.shape[2] == lq.shape[3]:
             lq = F.interpolate(lq, (pipe.resolution,) * 2, mode="bilinear", align_corners=True)
         # VRE wrapper: resize (identity at the model size), second normalisation, encoder, selection
