@@ -278,3 +278,41 @@ def test_a_failing_face_group_fails_only_its_own_requests(tiny_model_dir, error,
     else:
         assert isinstance(bad, RequestError) and bad.status == status and "out of memory" in bad.message
         assert "Retry-After" in bad.headers
+
+
+def test_engine_close_answers_cpu_stage_requests_with_503(tiny_model_dir):
+    """close() while a request waits for a CPU thread (the pool cancels it) and a request arriving
+    after close: both 503 with Retry-After, like faces waiting for the model — never a 500."""
+    from _serve_helpers import load_test_engine
+
+    from osdface.image import encode_image
+    from osdface.serve.config import RequestError, RestoreOptions
+    from osdface.testing import synthetic_faces
+
+    engine = load_test_engine(tiny_model_dir, retry_after_s=5, cpu_workers=1)
+    png = encode_image(synthetic_faces(1, seed=3)[0])
+    gate, started = threading.Event(), threading.Event()
+
+    def hold():
+        started.set()
+        gate.wait(60)
+
+    async def main():
+        await engine.start()
+        loop = asyncio.get_running_loop()
+        blocker = loop.run_in_executor(engine.cpu_executor, hold)  # the only CPU thread is busy
+        waiting = asyncio.ensure_future(engine.restore(png, RestoreOptions(aligned=True)))
+        try:
+            await loop.run_in_executor(None, started.wait, 60)
+            await asyncio.sleep(0)  # the request is queued for the CPU thread
+            await engine.close()
+            [err] = await asyncio.wait_for(asyncio.gather(waiting, return_exceptions=True), 60)
+            [late] = await asyncio.gather(engine.restore(png, RestoreOptions(aligned=True)), return_exceptions=True)
+        finally:
+            gate.set()
+            await blocker
+        return err, late
+
+    for err in asyncio.run(main()):
+        assert isinstance(err, RequestError) and err.status == 503 and "shutting down" in err.message
+        assert err.headers == {"Retry-After": "5"}

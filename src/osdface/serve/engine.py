@@ -43,6 +43,13 @@ T = TypeVar("T")
 MIN_ALIGNED_SIDE = 16
 
 
+def _current_task_cancelling() -> bool:
+    """Whether the running task itself is being cancelled (a client gone, a deadline), as opposed to
+    an awaited future cancelled under it (the CPU pool's ``cancel_futures`` at close)."""
+    task = asyncio.current_task()
+    return task is not None and getattr(task, "cancelling", lambda: 0)() > 0  # Task.cancelling: Python 3.11+
+
+
 @dataclass
 class RestoreOutcome:
     """The result of one request.
@@ -196,11 +203,26 @@ class RestoreEngine:
         return out
 
     async def _run(self, image, options: RestoreOptions) -> RestoreOutcome:
-        loop = asyncio.get_running_loop()
-        prepared, restorer = await loop.run_in_executor(self.cpu_executor, self._prepare, image, options)
+        prepared, restorer = await self._on_cpu(self._prepare, image, options)
         crops = [f.lq for f in prepared.faces] if restorer is not None else [prepared.rgb]
         restored = await self._batcher.submit([(c, options.color_fix) for c in crops]) if crops else []
-        return await loop.run_in_executor(self.cpu_executor, self._finish, prepared, restorer, restored, options)
+        return await self._on_cpu(self._finish, prepared, restorer, restored, options)
+
+    async def _on_cpu(self, fn: Callable[..., T], *args) -> T:
+        """``fn(*args)`` in a CPU thread. After :meth:`close` the pool refuses new work and cancels what
+        waited for a thread: both answer 503 (:meth:`_shutting_down`), as the model stage does."""
+        if self._closed:
+            raise self._shutting_down()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.cpu_executor, fn, *args)
+        except RuntimeError:  # "cannot schedule new futures after shutdown"
+            if self._closed:
+                raise self._shutting_down() from None
+            raise
+        except asyncio.CancelledError:
+            if self._closed and not _current_task_cancelling():  # the pool cancelled it, not the client
+                raise self._shutting_down() from None
+            raise
 
     # ------------------------------------------------------------------ CPU stages (CPU threads)
     def _thread_face_models(self) -> dict:
