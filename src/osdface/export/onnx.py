@@ -44,6 +44,7 @@ from ..errors import InvalidSettingError, ModelFileError, first_line
 from ..io.onnx_format import FORMAT, FORMAT_VERSION, GRAPH_FILES, GRAPH_IO, MANIFEST_NAME
 from ..utils.io import atomic_dir, sha256_file
 from ..utils.logging import get_logger
+from ..utils.optional import require_package
 
 logger = get_logger(__name__)
 
@@ -117,11 +118,7 @@ def graph_modules(pipe) -> dict[str, nn.Module]:
 
 # ----------------------------------------------------------------------------------- helpers
 def _require_onnx():
-    try:
-        import onnx
-    except ImportError:
-        raise InvalidSettingError("exporting to ONNX needs the 'onnx' package: pip install 'osdface[onnx]'") from None
-    return onnx
+    return require_package("onnx", "onnx", "exporting to ONNX")
 
 
 def _tensor_infos(names: Sequence[str], tensors: Sequence[torch.Tensor], dynamic_batch: bool) -> list[dict[str, Any]]:

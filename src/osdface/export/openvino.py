@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..errors import InvalidSettingError, ModelFileError
+from ..errors import ModelFileError
 from ..io.onnx_format import GRAPH_FORMATS, GRAPH_IO, MANIFEST_NAME, WEIGHT_COMPRESSIONS, read_manifest
 from ..utils.io import atomic_dir, sha256_file
 from ..utils.logging import get_logger
+from ..utils.optional import require_package
 
 __all__ = ["INT8_GRAPHS", "export_openvino"]
 
@@ -39,13 +40,6 @@ logger = get_logger(__name__)
 
 #: the graphs whose weights ``int8_weights=True`` compresses (see the module docstring for the prompt encoder)
 INT8_GRAPHS = ("vae_encoder", "unet", "vae_decoder")
-
-
-def _require(package: str, extra: str, why: str):
-    try:
-        return __import__(package)
-    except ImportError:
-        raise InvalidSettingError(f"{why} needs the '{package}' package: pip install 'osdface[{extra}]'") from None
 
 
 def _compress_int8(src_xml: str, dst_xml: str) -> None:
@@ -85,9 +79,9 @@ def export_openvino(onnx_dir: str | os.PathLike, output_dir: str | os.PathLike,
         ModelFileError: ``onnx_dir`` is not a valid ONNX export, or is already an IR folder.
         InvalidSettingError: ``openvino`` (or, with ``int8_weights``, ``nncf``) is not installed.
     """
-    ov = _require("openvino", "openvino", "an OpenVINO IR export")
+    ov = require_package("openvino", "openvino", "an OpenVINO IR export")
     if int8_weights:
-        _require("nncf", "openvino", "int8 weight compression")
+        require_package("nncf", "openvino", "int8 weight compression")
     src_dir = Path(onnx_dir).expanduser()
     src = read_manifest(src_dir, verify="sha256")
     if src["graph_format"] != "onnx":

@@ -28,9 +28,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..errors import InvalidSettingError
 from ..utils.io import atomic_path
 from ..utils.logging import get_logger
+from ..utils.optional import require_package
 from .types import Detection
 
 logger = get_logger(__name__)
@@ -45,13 +45,7 @@ DEFAULT_FPS = 25.0
 
 def _imageio_ffmpeg():
     """The ``imageio_ffmpeg`` module, or :class:`InvalidSettingError` naming the extra to install."""
-    try:
-        import imageio_ffmpeg
-    except ImportError:
-        raise InvalidSettingError(
-            "reading and writing videos needs the 'imageio-ffmpeg' package: pip install 'osdface[face]'"
-        ) from None
-    return imageio_ffmpeg
+    return require_package("imageio_ffmpeg", "face", "reading and writing videos", package="imageio-ffmpeg")
 
 
 def ffmpeg_exe() -> str:

@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidSettingError, ModelFileError
+from ..errors import ModelFileError
 from ..io.onnx_format import read_manifest
 from ..utils.io import sha256_file
 from ..utils.logging import get_logger
+from ..utils.optional import require_package
 from .exported import ExportedPipeline
 
 __all__ = ["OnnxRuntimePipeline", "default_providers", "read_manifest", "sha256_file"]
@@ -28,12 +29,7 @@ PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CP
 
 
 def _require_ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise InvalidSettingError(
-            "running ONNX graphs needs the 'onnxruntime' package: pip install 'osdface[onnx]'") from None
-    return onnxruntime
+    return require_package("onnxruntime", "onnx", "running ONNX graphs")
 
 
 def default_providers() -> list[str]:

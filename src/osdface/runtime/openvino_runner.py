@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DeviceError, InvalidSettingError
+from ..errors import DeviceError
 from ..io.onnx_format import read_manifest
 from ..utils.logging import get_logger
+from ..utils.optional import require_package
 from .exported import ExportedPipeline
 
 __all__ = ["OpenVinoPipeline", "default_config"]
@@ -28,12 +29,7 @@ _VIRTUAL_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
 
 
 def _require_ov():
-    try:
-        import openvino
-    except ImportError:
-        raise InvalidSettingError(
-            "running ONNX graphs with OpenVINO needs the 'openvino' package: pip install 'osdface[openvino]'") from None
-    return openvino
+    return require_package("openvino", "openvino", "running ONNX graphs with OpenVINO")
 
 
 def default_config(dtype: str, device: str) -> dict[str, str]:
