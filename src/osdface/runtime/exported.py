@@ -22,7 +22,13 @@ import torch
 
 from ..errors import InvalidSettingError, ModelFileError, first_line
 from ..image import from_model_range
-from ..io.onnx_format import GRAPH_IO, MANIFEST_NAME, VERIFY_MODES, read_manifest  # noqa: F401 - re-exported
+from ..io.onnx_format import (  # noqa: F401 - VERIFY_MODES and read_manifest re-exported
+    DTYPE_NAMES,
+    GRAPH_IO,
+    MANIFEST_NAME,
+    VERIFY_MODES,
+    read_manifest,
+)
 from ..pipelines.pipeline_osdface import (
     OSDFacePipeline,
     blend_fidelity,
@@ -30,7 +36,7 @@ from ..pipelines.pipeline_osdface import (
     check_latent_strength,
 )
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the export dtypes as torch dtypes
 
 
 #: opens one graph file → (engine handle, the names of each input, the names of each output); may raise
