@@ -231,10 +231,9 @@ def resolve_backend(args) -> str:
     backend = getattr(args, "backend", "torch")
     if backend != "auto":
         return backend
-    from ..io.onnx_format import MANIFEST_NAME
+    from ..io.onnx_format import is_exported_folder
 
-    model = getattr(args, "model", None)
-    if not model or not (Path(model).expanduser() / MANIFEST_NAME).is_file():
+    if not is_exported_folder(getattr(args, "model", None)):
         return "torch"
     device = str(getattr(args, "device", "auto")).lower()
     if device.startswith("cuda"):
@@ -247,7 +246,7 @@ def resolve_backend(args) -> str:
 def load_pipeline_from_args(args):
     """Build the pipeline from --model / --base-model+--weights / the default locations."""
     from ..io.names import MODEL_INDEX
-    from ..io.onnx_format import MANIFEST_NAME as ONNX_MANIFEST
+    from ..io.onnx_format import is_exported_folder
     from ..pipelines.pipeline_osdface import OSDFacePipeline, resolve_device
     from ..weights import (
         OFFICIAL_FILES,
@@ -261,7 +260,7 @@ def load_pipeline_from_args(args):
 
     if resolve_backend(args) != "torch":
         return load_exported_runner_from_args(args)
-    if args.model and (Path(args.model).expanduser() / ONNX_MANIFEST).is_file():
+    if is_exported_folder(args.model):
         raise CLIError(f"--model {args.model}: an ONNX export (osdface export-onnx), not a torch model folder; "
                        "run it with --backend auto, openvino or onnxruntime")
     device = resolve_device(args.device)

@@ -41,6 +41,11 @@ GRAPH_IO = {
     "vae_decoder": (("latent",), ("image",)),
 }
 
+def is_exported_folder(folder: str | os.PathLike | None) -> bool:
+    """Whether ``folder`` holds an exported folder's manifest (not checked: :func:`read_manifest` does that)."""
+    return bool(folder) and (Path(folder).expanduser() / MANIFEST_NAME).is_file()
+
+
 #: the ``dtype`` values an export may have
 DTYPE_NAMES = ("float32", "float16")
 
